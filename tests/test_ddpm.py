@@ -1,0 +1,289 @@
+"""Every DDPM statement of the derivations README, checked: closed forms in float64 to near machine
+precision, Monte Carlo checks to a few standard errors (SE)."""
+import math
+
+import pytest
+import torch
+
+import ddpm
+from oracles import (discrete_eps_oracle, discrete_gaussian_probs, entropy_bits, gaussian_eps_oracle,
+                     grid_values)
+
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def diff():
+    return ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
+
+
+def full(i, n=1):
+    return torch.full((n,), i, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+def test_linear_schedule_alpha_bar_T_is_4_04e_minus_5(diff):
+    # derivations README: for 1e-4 -> 0.02 over T = 1000, alpha-bar_T ~= 4.04e-5 (prod of 1 - beta_t)
+    exact = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / (T - 1)) for i in range(T))
+    assert diff.alphas_cumprod[-1].item() == pytest.approx(exact, rel=1e-12)
+    assert round(diff.alphas_cumprod[-1].item() * 1e5, 2) == 4.04
+
+
+def test_cosine_schedule_follows_its_alpha_bar_formula():
+    d = ddpm.GaussianDiffusion(ddpm.cosine_beta_schedule(T))
+    s = 0.008
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    for i in [0, 10, 500, 900, 990]:  # before the 0.999 clip acts
+        assert d.alphas_cumprod[i].item() == pytest.approx(f(i + 1) / f(0), rel=1e-10)
+
+
+def test_derived_buffers_obey_their_definitions(diff):
+    ab, ab_prev, b = diff.alphas_cumprod, diff.alphas_cumprod_prev, diff.betas
+    assert torch.allclose(ab, torch.cumprod(1 - b, 0), rtol=1e-14)
+    assert ab_prev[0] == 1 and torch.equal(ab_prev[1:], ab[:-1])
+    assert torch.allclose(diff.posterior_variance, (1 - ab_prev) / (1 - ab) * b, rtol=1e-13)
+    assert diff.posterior_variance[0] == 0  # beta-tilde_1 = 0: x_0 is determined by x_1 and x_0
+
+
+# ----------------------------------------------------------------------------- forward process
+
+def test_closed_form_marginal_matches_iterated_chain_exact(diff):
+    # iterate the per-step mean/variance recursion m_t = sqrt(a_t) m_{t-1}, v_t = a_t v_{t-1} + b_t (eq. 2)
+    x0 = 0.73
+    m, v = x0, 0.0
+    for i in range(T):
+        a = diff.alphas[i].item()
+        m, v = math.sqrt(a) * m, a * v + diff.betas[i].item()
+        mean, var = diff.q_mean_variance(torch.tensor([x0], dtype=torch.float64), full(i))
+        assert mean.item() == pytest.approx(m, rel=1e-12, abs=1e-15)
+        assert var.item() == pytest.approx(v, rel=1e-12)
+
+
+def test_closed_form_marginal_matches_iterated_chain_monte_carlo(diff):
+    g = torch.Generator().manual_seed(0)
+    N = 40000
+    x0 = torch.full((N,), 0.5, dtype=torch.float64)
+    x = x0.clone()
+    for i in [*range(300)]:
+        x = diff.q_step_sample(x, full(i, N), torch.randn(N, generator=g, dtype=torch.float64))
+    mean, var = diff.q_mean_variance(x0[:1], full(299))
+    se_mean, se_var = math.sqrt(var.item() / N), var.item() * math.sqrt(2 / N)
+    assert abs(x.mean().item() - mean.item()) < 4 * se_mean
+    assert abs(x.var().item() - var.item()) < 4 * se_var
+    # and q_sample draws from the same distribution
+    y = diff.q_sample(x0, full(299, N), torch.randn(N, generator=g, dtype=torch.float64))
+    assert abs(y.mean().item() - mean.item()) < 4 * se_mean
+    assert abs(y.var().item() - var.item()) < 4 * se_var
+
+
+# ----------------------------------------------------------------------------- posterior
+
+def bayes_posterior_on_grid(diff, x0, x_t, i, n=400001):
+    """q(x_{t-1} | x_t, x_0) proportional to q(x_t | x_{t-1}) q(x_{t-1} | x_0), integrated on a 1-D grid."""
+    a, b, ab_prev = diff.alphas[i].item(), diff.betas[i].item(), diff.alphas_cumprod_prev[i].item()
+    lik_mean, lik_sd = x_t / math.sqrt(a), math.sqrt(b / a)            # q(x_t | x_{t-1}) as a function of x_{t-1}
+    pri_mean, pri_sd = math.sqrt(ab_prev) * x0, math.sqrt(1 - ab_prev)  # q(x_{t-1} | x_0)
+    c, w = (lik_mean, lik_sd) if lik_sd < pri_sd else (pri_mean, pri_sd)
+    xs = torch.linspace(c - 30 * w, c + 30 * w, n, dtype=torch.float64)
+    log_p = -(xs - lik_mean) ** 2 / (2 * lik_sd ** 2) - (xs - pri_mean) ** 2 / (2 * pri_sd ** 2)
+    p = torch.exp(log_p - log_p.max())
+    p = p / torch.trapezoid(p, xs)
+    mean = torch.trapezoid(p * xs, xs)
+    return mean.item(), torch.trapezoid(p * (xs - mean) ** 2, xs).item()
+
+
+@pytest.mark.parametrize("i", [1, 5, 100, 500, 999])
+def test_posterior_equals_bayes_rule_on_a_grid(diff, i):
+    x0 = torch.tensor([0.6], dtype=torch.float64)
+    x_t = diff.q_sample(x0, full(i), torch.tensor([0.8], dtype=torch.float64))
+    grid_mean, grid_var = bayes_posterior_on_grid(diff, x0.item(), x_t.item(), i)
+    mean, var, log_var = diff.q_posterior_mean_variance(x0, x_t, full(i))
+    assert mean.item() == pytest.approx(grid_mean, rel=1e-9, abs=1e-12)
+    assert var.item() == pytest.approx(grid_var, rel=1e-7)
+    assert log_var.item() == pytest.approx(math.log(grid_var), abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- parameterisations
+
+def test_x0_eps_round_trips(diff):
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(64, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(64, 3, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.randint(0, T, (64,), generator=g)
+    x_t = diff.q_sample(x0, t, eps)
+    assert torch.allclose(diff.predict_x0_from_eps(x_t, t, eps), x0, rtol=0, atol=1e-9)  # /sqrt(ab_T) ~ 157x
+    assert torch.allclose(diff.predict_eps_from_x0(x_t, t, x0), eps, rtol=0, atol=1e-12)
+
+
+def test_eq11_eps_mean_equals_posterior_mean_of_predicted_x0(diff):
+    # DDPM eq. 11: (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(a_t) == mu-tilde(x_t, x0_hat(x_t, eps)), any eps
+    g = torch.Generator().manual_seed(2)
+    x_t, eps = torch.randn(256, 5, generator=g, dtype=torch.float64), torch.randn(256, 5, generator=g, dtype=torch.float64)
+    t = torch.randint(1, T, (256,), generator=g)
+    mu_eps = diff.p_mean_from_eps(x_t, t, eps)
+    mu_post = diff.q_posterior_mean_variance(diff.predict_x0_from_eps(x_t, t, eps), x_t, t)[0]
+    assert torch.allclose(mu_eps, mu_post, rtol=0, atol=1e-12)
+
+
+def test_tweedie_exact_gaussian_score_matches_eps_relation(diff):
+    # x_0 ~ N(m, s^2) => q(x_t) = N(sqrt(ab) m, ab s^2 + 1 - ab); its score by autograd vs -E[eps|x_t]/sqrt(1-ab)
+    m, s = 0.3, 0.5
+    eps_fn = gaussian_eps_oracle(diff, m, s)
+    x_t = torch.linspace(-3, 3, 61, dtype=torch.float64).requires_grad_()
+    for i in [0, 10, 250, 999]:
+        ab = diff.alphas_cumprod[i]
+        log_q = torch.distributions.Normal(ab.sqrt() * m, (ab * s ** 2 + 1 - ab).sqrt()).log_prob(x_t).sum()
+        score = torch.autograd.grad(log_q, x_t)[0]
+        t = full(i, 61)
+        assert torch.allclose(diff.score_from_eps(t, eps_fn(x_t.detach(), t)), score, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- losses and the bound
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_vlb_weight_turns_eps_error_into_the_kl_term(diff, var_type):
+    # DDPM eq. 12: KL(q(x_{t-1}|x_t,x_0) || N(mu_theta, sigma^2)) = w_t ||eps - eps_theta||^2 + (a term free of theta)
+    g = torch.Generator().manual_seed(3)
+    x0, eps, eps_hat = (torch.randn(128, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.randint(1, T, (128,), generator=g)
+    x_t = diff.q_sample(x0, t, eps)
+    true_mean, _, true_log_var = diff.q_posterior_mean_variance(x0, x_t, t)
+    log_sigma2 = diff.model_log_variance(t, x_t, var_type)
+    kl_hat = ddpm.normal_kl(true_mean, true_log_var, diff.p_mean_from_eps(x_t, t, eps_hat), log_sigma2).sum(1)
+    kl_true = ddpm.normal_kl(true_mean, true_log_var, diff.p_mean_from_eps(x_t, t, eps), log_sigma2).sum(1)
+    w = diff.vlb_weight(t, var_type)
+    assert torch.allclose(kl_hat - kl_true, w * (eps - eps_hat).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+
+
+def test_loss_simple_of_exact_denoiser_is_the_conditional_variance_of_eps(diff):
+    # For Gaussian data the optimal eps-MSE at t is Var(eps | x_t) = ab s^2 / (ab s^2 + 1 - ab)
+    g = torch.Generator().manual_seed(4)
+    m, s, N = -0.2, 0.4, 200000
+    eps_fn = gaussian_eps_oracle(diff, m, s)
+    for i in [50, 400]:
+        x0 = m + s * torch.randn(N, 1, generator=g, dtype=torch.float64)
+        noise = torch.randn(N, 1, generator=g, dtype=torch.float64)
+        t = full(i, N)
+        losses = ddpm.loss_simple(eps_fn(diff.q_sample(x0, t, noise), t), noise)
+        ab = diff.alphas_cumprod[i].item()
+        expected = ab * s ** 2 / (ab * s ** 2 + 1 - ab)
+        assert abs(losses.mean().item() - expected) < 4 * losses.std().item() / math.sqrt(N)
+
+
+def test_discretized_decoder_is_a_distribution_over_the_256_levels():
+    xs = grid_values()
+    for mean, log_scale in [(0.1, math.log(0.01)), (-0.99, math.log(0.3)), (0.5, math.log(1e-3))]:
+        lp = ddpm.discretized_gaussian_log_likelihood(xs, torch.full_like(xs, mean), torch.full_like(xs, log_scale))
+        # each bin's mass is floored at 1e-12 so the log stays finite: at most 256e-12 of extra mass
+        assert lp.exp().sum().item() == pytest.approx(1.0, abs=256e-12)
+
+
+def test_vlb_bounds_the_true_nll_for_discrete_gaussian_data_with_the_exact_denoiser():
+    """E[VLB] >= -log p(x_0) (the data's entropy) with the exact optimal denoiser, and that denoiser minimises the
+    bound: denoisers exact for a slightly wrong data law give a larger bound on the same draws (paired test).
+    Data: a discretised Gaussian on the 8-bit grid, 1 dimension, sigma_t^2 = beta_t."""
+    diff = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
+    probs = discrete_gaussian_probs(m=0.1, s=0.25)
+    nll_bits = entropy_bits(probs)
+    N = 1000
+    x0 = grid_values()[torch.multinomial(probs, N, replacement=True, generator=torch.Generator().manual_seed(5))]
+    x0 = x0.reshape(N, 1)
+
+    def bound(probs_model):
+        torch.manual_seed(6)  # the same x_t draws for every denoiser: differences are paired
+        return diff.vlb_terms_bpd(discrete_eps_oracle(diff, probs_model), x0, var_type="fixedlarge")["total"]
+
+    vlb = bound(probs)
+    mean, se = vlb.mean().item(), vlb.std().item() / math.sqrt(N)
+    assert mean > nll_bits - 4 * se
+    # measured gap 0.13 bits/dim (of 7.04): the Gaussian reverse kernels cannot fit the discrete posterior at small t
+    assert mean - nll_bits < 0.2, (mean, nll_bits)
+    for wrong_s in [0.15, 0.4]:
+        delta = bound(discrete_gaussian_probs(m=0.1, s=wrong_s)) - vlb
+        assert delta.mean().item() > 4 * delta.std().item() / math.sqrt(N)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+def test_ddim_timesteps_span_the_process_and_reject_bad_counts():
+    taus = ddpm.ddim_timesteps(T, 10)
+    assert taus[0] == 0 and taus[-1] == T - 1 and len(taus) == 10 and (taus.diff() > 0).all()
+    assert torch.equal(ddpm.ddim_timesteps(T, T), torch.arange(T))
+    for bad in [0, -3, T + 1]:
+        with pytest.raises(ValueError, match="between 1 and T"):
+            ddpm.ddim_timesteps(T, bad)
+
+
+def test_respaced_process_keeps_alpha_bar_on_its_subsequence(diff):
+    d = diff.respace(10)
+    taus = ddpm.ddim_timesteps(T, 10)
+    assert torch.allclose(d.alphas_cumprod, diff.alphas_cumprod[taus], rtol=1e-12)
+    assert torch.equal(d.timestep_map, taus)
+
+
+def test_ddim_eta1_with_all_steps_equals_ancestral_with_posterior_variance(diff):
+    eps_fn = gaussian_eps_oracle(diff, 0.2, 0.3)
+    x_T = torch.randn(500, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    a = diff.p_sample_loop(eps_fn, x_T, var_type="fixedsmall", generator=torch.Generator().manual_seed(8))
+    b = diff.ddim_sample_loop(eps_fn, x_T, eta=1.0, generator=torch.Generator().manual_seed(8))
+    assert torch.allclose(a, b, rtol=0, atol=1e-9)
+    c = diff.p_sample_loop(eps_fn, x_T, var_type="fixedlarge", generator=torch.Generator().manual_seed(8))
+    assert (a - c).abs().max() > 1e-3  # and sigma^2 = beta_t really is a different sampler
+
+
+def ddim_gain(diff, taus, s):
+    """For x_0 ~ N(m, s^2) and the exact denoiser, DDIM (eta = 0) maps x_t - sqrt(ab_t) m linearly; its gain per
+    step from t to t' is (sqrt(ab' ab) s^2 + sqrt((1 - ab')(1 - ab))) / (ab s^2 + 1 - ab)."""
+    ab = diff.alphas_cumprod[taus].tolist()
+    gain = 1.0
+    for k in range(len(ab) - 1, -1, -1):
+        a, a_prev = ab[k], (ab[k - 1] if k > 0 else 1.0)
+        gain *= (math.sqrt(a_prev * a) * s ** 2 + math.sqrt((1 - a_prev) * (1 - a))) / (a * s ** 2 + 1 - a)
+    return gain
+
+
+@pytest.mark.parametrize("steps", [10, T])
+def test_ddim_eta0_with_exact_denoiser_maps_noise_to_the_data_gaussian(diff, steps):
+    m, s = 0.3, 0.5
+    eps_fn = gaussian_eps_oracle(diff, m, s)
+    x_T = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    out = ddpm.sample(diff, eps_fn, x_T, steps=steps, sampler="ddim", eta=0.0)
+    gain = (out[1] - out[0]).item()
+    ab_T = diff.alphas_cumprod[-1].item()
+    assert gain == pytest.approx(ddim_gain(diff, ddpm.ddim_timesteps(T, steps), s), rel=1e-10)
+    assert out[0].item() == pytest.approx(m - gain * math.sqrt(ab_T) * m, rel=1e-10)
+    if steps == T:  # the many-step limit is the probability-flow map N(0, 1) -> N(m, s^2)
+        # DDIM is a first-order solver: the gain's error halves when the step count doubles, so it tends to s
+        err = {S: s - ddim_gain(diff, ddpm.ddim_timesteps(T, S), s) for S in (250, 500, T)}
+        assert 1.8 < err[250] / err[500] < 2.2 and 1.8 < err[500] / err[T] < 2.2
+        assert abs(gain - s) / s < 0.004
+        g = torch.Generator().manual_seed(9)
+        N = 20000
+        x = ddpm.sample(diff, eps_fn, torch.randn(N, 1, generator=g, dtype=torch.float64), steps=T, eta=0.0)
+        assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
+        assert abs(x.std().item() - gain) < 4 * s / math.sqrt(2 * N)
+    else:  # with 10 steps DDIM shrinks the variance (Cauchy-Schwarz on the gain), by a known amount
+        assert gain < s
+
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_ancestral_sampling_with_exact_denoiser_recovers_the_data_gaussian(diff, var_type):
+    m, s, N = -0.4, 0.6, 20000
+    g = torch.Generator().manual_seed(10)
+    x = diff.p_sample_loop(gaussian_eps_oracle(diff, m, s), torch.randn(N, 1, generator=g, dtype=torch.float64),
+                           var_type=var_type, generator=g)
+    assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
+    assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N)
+
+
+def test_sample_rejects_bad_arguments(diff):
+    eps_fn = gaussian_eps_oracle(diff, 0.0, 1.0)
+    x = torch.zeros(2, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="eta"):
+        ddpm.sample(diff, eps_fn, x, steps=10, eta=-0.5)
+    with pytest.raises(ValueError, match="sampler"):
+        ddpm.sample(diff, eps_fn, x, steps=10, sampler="euler")
+    with pytest.raises(ValueError, match="between 1 and T"):
+        ddpm.sample(diff, eps_fn, x, steps=T + 1)
+    with pytest.raises(ValueError, match="schedule"):
+        ddpm.make_beta_schedule("quadratic")
