@@ -1,0 +1,133 @@
+"""DiffuseVAE (Pandey et al., TMLR 2022): a VAE generator, a conditional DDPM refiner.
+
+Read beside [DiffuseVAE] in ../shared/derivations. The generative model is
+p(x_0:T, z) = p(z) p_theta(x_hat_0 | z) p_phi(x_0:T | x_hat_0), with x_hat_0 = dec(z), and the joint ELBO
+
+    log p(x_0) >= L_VAE + E_{z ~ q(z|x_0)}[L_DDPM]                                     [DiffuseVAE]
+
+After the paper's simplifications (y = x_0; the DDPM sees z only through x_hat_0 = dec(z)), the two terms
+share no parameters, so training is two-stage: first maximise L_VAE, then freeze the VAE and train the
+DDPM on (x_0, x_hat_0). `joint_loss` writes the sum; train.py optimises its two halves in turn.
+
+Two ways for the DDPM to use x_hat_0 ([DiffuseVAE] "Formulation 1/2"). In both the denoiser sees
+x_hat_0, concatenated to x_t as extra input channels (as the paper's code does):
+- Formulation 1: the standard forward process q(x_t | x_0) of ddpm.py; only the reverse process sees x_hat_0.
+- Formulation 2: an x_hat_0-shifted forward process,
+      q(x_1 | x_0, x_hat_0)       = N(sqrt(1 - beta_1) x_0 + x_hat_0, beta_1 I)
+      q(x_t | x_{t-1}, x_hat_0)   = N(sqrt(1 - beta_t) x_{t-1} + (1 - sqrt(1 - beta_t)) x_hat_0, beta_t I),  t > 1
+  whose marginal is q(x_t | x_0, x_hat_0) = N(sqrt(alpha-bar_t) x_0 + x_hat_0, (1 - alpha-bar_t) I), so
+  x_T ~ N(x_hat_0, I). Equivalently y_t = x_t - x_hat_0 (t >= 1), y_0 = x_0 is a standard DDPM chain;
+  the code below uses that identity for the samplers and writes the x-space formulas out for reading.
+With x_hat_0 = None the same code is the unconditional DDPM baseline.
+"""
+import torch
+
+from ddpm import extract, loss_simple, sample as ddpm_sample
+from vae import elbo, gaussian_log_likelihood, reparameterize
+
+
+# ----------------------------------------------------------------------------- Formulation 2, in x space
+
+def form2_q_step(diffusion, x_prev, t, x_hat0, noise):
+    """One step of the x_hat_0-shifted forward process ([DiffuseVAE]; code t = 0 is the paper's t = 1):
+    the first step adds x_hat_0 with weight 1, later steps with weight 1 - sqrt(1 - beta_t)."""
+    sqrt_alpha = extract(diffusion.alphas.sqrt(), t, x_prev)
+    shift_weight = torch.where(t.reshape(sqrt_alpha.shape) == 0, torch.ones_like(sqrt_alpha), 1 - sqrt_alpha)
+    return sqrt_alpha * x_prev + shift_weight * x_hat0 + extract(diffusion.betas.sqrt(), t, x_prev) * noise
+
+
+def form2_q_sample(diffusion, x0, t, x_hat0, noise):
+    """Closed-form marginal q(x_t | x_0, x_hat_0) = N(sqrt(alpha-bar_t) x_0 + x_hat_0, (1 - alpha-bar_t) I)."""
+    return diffusion.q_sample(x0, t, noise) + x_hat0
+
+
+def form2_predict_x0_from_eps(diffusion, x_t, t, x_hat0, eps):
+    """x_0 = (x_t - x_hat_0 - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t): eq. 4 on y_t = x_t - x_hat_0."""
+    return diffusion.predict_x0_from_eps(x_t - x_hat0, t, eps)
+
+
+def form2_q_posterior_mean_variance(diffusion, x0, x_t, t, x_hat0):
+    """q(x_{t-1} | x_t, x_0, x_hat_0) for t-1 >= 1 (code t >= 1): mean c1 x_0 + c2 x_t + (1 - c2) x_hat_0 with
+    the usual coefficients c1, c2 of DDPM eq. 7, variance beta-tilde_t. At code t = 0 the target x_0 carries no
+    shift: use the standard posterior of y = x - x_hat_0 (this is where samplers 'remove the shift')."""
+    mean_y, var, log_var = diffusion.q_posterior_mean_variance(x0, x_t - x_hat0, t)
+    return mean_y + x_hat0, var, log_var
+
+
+# ----------------------------------------------------------------------------- training objective
+
+def denoiser_input(form, x0, x_hat0, diffusion, t, noise):
+    """x_t for the chosen formulation: form 1 (or unconditional) eq. 4; form 2 the shifted marginal."""
+    if form == 2:
+        if x_hat0 is None:
+            raise ValueError("Formulation 2 needs x_hat_0; use form 1 for the unconditional baseline")
+        return form2_q_sample(diffusion, x0, t, x_hat0, noise)
+    if form != 1:
+        raise ValueError(f"unknown form {form!r}: choose 1 or 2")
+    return diffusion.q_sample(x0, t, noise)
+
+
+def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None):
+    """L_DDPM with the eps parameterisation and dropped weights (DDPM eq. 14, Algorithm 1), per example (B,).
+    In both formulations the target is the noise eps of the forward draw; the denoiser sees x_t and x_hat_0."""
+    if t is None:
+        t = torch.randint(0, diffusion.T, (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0) if noise is None else noise
+    x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
+    return loss_simple(eps_model(x_t, t, x_hat0), noise), t
+
+
+@torch.no_grad()
+def condition_from_vae(vae, x0):
+    """x_hat_0 = dec(z), z ~ q(z|x_0): the stage-2 training condition from the frozen VAE ([DiffuseVAE])."""
+    mu, logvar = vae.encode(x0)
+    return vae.decode(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+
+
+def joint_loss(vae, eps_model, diffusion, x0, form=1):
+    """-(L_VAE + L_DDPM) of [DiffuseVAE], per dimension, with L_DDPM replaced by its L_simple surrogate.
+    Gradients reach the VAE only through L_VAE: the two-stage simplification trains L_VAE first, then this
+    function's second term with the VAE frozen (x_hat_0 is detached), which is what train.py does."""
+    mu, logvar = vae.encode(x0)
+    x_hat0 = vae.decode(reparameterize(mu, logvar))
+    rec, kl = elbo(gaussian_log_likelihood(x0, x_hat0, vae.obs_logvar), mu, logvar)
+    l_vae = (kl - rec).mean() / x0[0].numel()
+    l_ddpm = ddpm_loss(eps_model, diffusion, x0, x_hat0.detach(), form)[0].mean()
+    return l_vae + l_ddpm, l_vae, l_ddpm
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
+           shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None):
+    """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
+
+    Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
+    Form 2: x_T ~ N(x_hat_0, I); the chain runs on y_t = x_t - x_hat_0, which is the standard DDPM chain, so the
+    sampler of ddpm.py applies with eps_fn(y, t) = eps_theta(y + x_hat_0, t, x_hat_0); its output is y_0 = x_0,
+    i.e. the shift is removed at the end.
+    x_hat_0 = None with form 1 samples the unconditional baseline (give `shape` then).
+    `x_T_noise` fixes the initial noise (for interpolation with the DDPM noise held fixed).
+    """
+    ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
+    noise = x_T_noise if x_T_noise is not None else torch.randn(
+        ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)
+    noise = temperature * noise
+    if form == 1:
+        def eps_fn(x, t):
+            return eps_model(x, t, x_hat0)
+    elif form == 2 and x_hat0 is not None:
+        def eps_fn(y, t):  # x_T = x_hat_0 + noise, so y_T = x_T - x_hat_0 = noise
+            return eps_model(y + x_hat0, t, x_hat0)
+    else:
+        raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
+    return ddpm_sample(diffusion, eps_fn, noise, steps, sampler, eta, var_type, generator=generator,
+                       progress=progress)
+
+
+def _device_of(module):
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")

@@ -1,0 +1,168 @@
+"""DiffuseVAE's statements: Formulation 2's shifted forward process, its marginal, its posterior and its
+sampler; Formulation 1 and the unconditional baseline through the same code; the joint objective."""
+import math
+
+import pytest
+import torch
+
+import ddpm
+import diffusevae as DV
+from oracles import gaussian_eps_oracle
+from test_ddpm import bayes_posterior_on_grid
+
+T = 1000
+
+
+@pytest.fixture(scope="module")
+def diff():
+    return ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
+
+
+def full(i, n=1):
+    return torch.full((n,), i, dtype=torch.long)
+
+
+def f64(*values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_form2_per_step_chain_composes_to_the_shifted_marginal_exact(diff):
+    # mean recursion m_1 = sqrt(a_1) x_0 + x_hat_0, m_t = sqrt(a_t) m_{t-1} + (1 - sqrt(a_t)) x_hat_0; variance as DDPM
+    x0, x_hat0 = 0.7, -0.4
+    m, v = x0, 0.0
+    for i in range(T):
+        a, b = diff.alphas[i].item(), diff.betas[i].item()
+        m = math.sqrt(a) * m + (1.0 if i == 0 else 1 - math.sqrt(a)) * x_hat0
+        v = a * v + b
+        # the step function with zero noise gives the mean recursion too
+        ab = diff.alphas_cumprod[i].item()
+        assert m == pytest.approx(math.sqrt(ab) * x0 + x_hat0, rel=1e-11, abs=1e-14)
+        assert v == pytest.approx(1 - ab, rel=1e-12)
+    assert abs(m - x_hat0) < 0.01 * abs(x0)  # x_T ~ N(x_hat_0, I): the data is forgotten, x_hat_0 is not
+
+
+def test_form2_step_function_follows_the_recursion_and_monte_carlo_marginal(diff):
+    g = torch.Generator().manual_seed(0)
+    N = 40000
+    x0, x_hat0 = torch.full((N,), 0.5, dtype=torch.float64), torch.full((N,), -0.3, dtype=torch.float64)
+    x = x0.clone()
+    for i in range(200):
+        x = DV.form2_q_step(diff, x, full(i, N), x_hat0, torch.randn(N, generator=g, dtype=torch.float64))
+    ab = diff.alphas_cumprod[199].item()
+    mean, var = math.sqrt(ab) * 0.5 - 0.3, 1 - ab
+    assert abs(x.mean().item() - mean) < 4 * math.sqrt(var / N)
+    assert abs(x.var().item() - var) < 4 * var * math.sqrt(2 / N)
+    y = DV.form2_q_sample(diff, x0, full(199, N), x_hat0, torch.randn(N, generator=g, dtype=torch.float64))
+    assert abs(y.mean().item() - mean) < 4 * math.sqrt(var / N)
+    assert abs(y.var().item() - var) < 4 * var * math.sqrt(2 / N)
+
+
+def test_form2_shifted_chain_is_a_standard_ddpm_chain(diff):
+    # y_t = x_t - x_hat_0 (t >= 1), y_0 = x_0: one step of form 2 equals one standard step on y, same noise
+    g = torch.Generator().manual_seed(1)
+    x_hat0 = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    for i in [0, 1, 17, 999]:
+        x_prev = torch.randn(64, 3, generator=g, dtype=torch.float64)
+        noise = torch.randn(64, 3, generator=g, dtype=torch.float64)
+        y_prev = x_prev if i == 0 else x_prev - x_hat0
+        got = DV.form2_q_step(diff, x_prev, full(i, 64), x_hat0, noise) - x_hat0
+        assert torch.allclose(got, diff.q_step_sample(y_prev, full(i, 64), noise), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("i", [1, 50, 700])
+def test_form2_posterior_equals_bayes_rule_and_the_shifted_formula(diff, i):
+    x0, x_hat0 = 0.6, -0.5
+    x_t = DV.form2_q_sample(diff, f64(x0), full(i), f64(x_hat0), f64(0.8))
+    mean, var, _ = DV.form2_q_posterior_mean_variance(diff, f64(x0), x_t, full(i), f64(x_hat0))
+    # Bayes on the grid in y = x - x_hat_0 (both factors shift by x_hat_0 for t - 1 >= 1), shifted back
+    grid_mean, grid_var = bayes_posterior_on_grid(diff, x0, x_t.item() - x_hat0, i)
+    assert mean.item() == pytest.approx(grid_mean + x_hat0, rel=1e-9, abs=1e-12)
+    assert var.item() == pytest.approx(grid_var, rel=1e-7)
+    # the README's form: c1 x_0 + c2 x_t + (1 - c2) x_hat_0
+    c1, c2 = diff.posterior_mean_coef1[i].item(), diff.posterior_mean_coef2[i].item()
+    assert mean.item() == pytest.approx(c1 * x0 + c2 * x_t.item() + (1 - c2) * x_hat0, rel=1e-12, abs=1e-14)
+
+
+def test_form2_x0_from_eps_inverts_the_shifted_marginal(diff):
+    g = torch.Generator().manual_seed(2)
+    x0, x_hat0, eps = (torch.randn(32, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.randint(0, T, (32,), generator=g)
+    x_t = DV.form2_q_sample(diff, x0, t, x_hat0, eps)
+    assert torch.allclose(DV.form2_predict_x0_from_eps(diff, x_t, t, x_hat0, eps), x0, rtol=0, atol=1e-9)
+
+
+def shifted_oracle(diff, m, s):
+    """The exact form-2 denoiser for x_0 ~ N(m, s^2): the standard one evaluated at y_t = x_t - x_hat_0."""
+    base = gaussian_eps_oracle(diff, m, s)
+    return lambda x_t, t, x_hat0: base(x_t - x_hat0, t)
+
+
+@pytest.mark.parametrize("sampler,steps,eta", [("ddpm", T, 0.0), ("ddim", T, 1.0), ("ddim", T, 0.0)])
+def test_form2_sampler_with_exact_denoiser_recovers_the_data_gaussian(diff, sampler, steps, eta):
+    m, s, N = 0.25, 0.5, 20000
+    x_hat0 = torch.full((N, 1), -0.7, dtype=torch.float64)  # any x_hat_0: the data law does not depend on it here
+    x = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=steps, sampler=sampler, eta=eta,
+                  generator=torch.Generator().manual_seed(3))
+    tol_sd = 0.004 * s if eta == 0 else 0.0  # DDIM's first-order error at T steps (see test_ddpm)
+    assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N) + tol_sd
+    assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N) + tol_sd
+
+
+def test_form2_sampler_starts_at_x_hat0_plus_noise_and_removes_the_shift(diff):
+    # one DDIM step from t = T-1 straight to x_0 with the exact denoiser: x_T = x_hat_0 + z, output = x_0-hat
+    m, s = 0.25, 0.5
+    x_hat0, z = f64(-0.7).reshape(1, 1), f64(0.3).reshape(1, 1)
+    out = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=1, x_T_noise=z)
+    t = full(T - 1)
+    x_T = x_hat0 + z
+    expected = DV.form2_predict_x0_from_eps(diff, x_T, t, x_hat0, shifted_oracle(diff, m, s)(x_T, t, x_hat0))
+    assert torch.allclose(out, expected, rtol=1e-12)
+
+
+def test_form1_and_unconditional_baseline_share_the_sampler(diff):
+    m, s, N = -0.1, 0.4, 20000
+    base = gaussian_eps_oracle(diff, m, s)
+    cond_model = lambda x, t, c: base(x, t)  # a form-1 denoiser that happens to ignore x_hat_0
+    x_hat0 = torch.zeros(N, 1, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x1 = DV.refine(cond_model, diff, x_hat0, form=1, steps=T, sampler="ddpm", generator=g)
+    uncond = lambda x, t, c: (base(x, t) if c is None else None)
+    x2 = DV.refine(uncond, diff, None, form=1, steps=T, sampler="ddpm", shape=(N, 1),
+                   generator=torch.Generator().manual_seed(4))
+    for x in (x1, x2):
+        assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
+        assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N)
+    with pytest.raises(ValueError, match="form"):
+        DV.refine(cond_model, diff, None, form=2, shape=(2, 1))
+
+
+def test_ddpm_loss_form2_equals_the_standard_loss_on_shifted_variables(diff):
+    g = torch.Generator().manual_seed(5)
+    x0, x_hat0, noise = (torch.randn(16, 1, 4, 4, generator=g) for _ in range(3))
+    t = torch.randint(0, T, (16,), generator=g)
+    seen = {}
+
+    def model(x_t, t_, cond):
+        seen["x_t"], seen["cond"] = x_t, cond
+        return torch.zeros_like(x_t)
+    loss2, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=2, t=t, noise=noise)
+    assert torch.allclose(seen["x_t"], diff.q_sample(x0, t, noise) + x_hat0, atol=1e-6)
+    assert seen["cond"] is x_hat0
+    loss1, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=1, t=t, noise=noise)
+    assert torch.allclose(seen["x_t"], diff.q_sample(x0, t, noise), atol=1e-6)
+    assert torch.allclose(loss1, noise.pow(2).flatten(1).mean(1)) and torch.allclose(loss1, loss2)
+    with pytest.raises(ValueError, match="form"):
+        DV.ddpm_loss(model, diff, x0, x_hat0, form=3)
+
+
+def test_joint_objective_is_the_sum_and_ddpm_gradients_do_not_reach_the_vae(diff):
+    import vae as V
+    from unet import UNet
+    torch.manual_seed(0)
+    vae = V.VAE(img_ch=1, image_size=32, ch=32, z_dim=4)
+    net = UNet(img_ch=1, cond_ch=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0)
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    total, l_vae, l_ddpm = DV.joint_loss(vae, net, diff, x0, form=2)
+    assert torch.allclose(total, l_vae + l_ddpm)
+    l_ddpm.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in vae.parameters())

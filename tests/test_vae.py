@@ -1,0 +1,125 @@
+"""The VAE statements: reparameterisation, analytic KL, and log p(x) = ELBO + KL(q || p(z|x)) >= ELBO,
+proved on probabilistic PCA where log p(x) and the posterior are exact."""
+import math
+
+import pytest
+import torch
+
+import vae as V
+
+D, K, SIGMA = 6, 3, 0.4  # data dims, latent dims, observation noise of the linear-Gaussian model
+
+
+@pytest.fixture(scope="module")
+def ppca():
+    """p(z) = N(0, I), p(x|z) = N(W z + b, sigma^2 I) with orthogonal columns of W, so p(z|x) is diagonal."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(D, K, generator=g, dtype=torch.float64))
+    W = U * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
+    b = torch.randn(D, generator=g, dtype=torch.float64)
+    x = torch.randn(D, generator=g, dtype=torch.float64) * 2
+    C = W @ W.T + SIGMA ** 2 * torch.eye(D, dtype=torch.float64)
+    log_px = torch.distributions.MultivariateNormal(b, C).log_prob(x).item()
+    # exact posterior: N(M^-1 W^T (x - b), sigma^2 M^-1), M = W^T W + sigma^2 I (diagonal here)
+    M = W.T @ W + SIGMA ** 2 * torch.eye(K, dtype=torch.float64)
+    post_mu = torch.linalg.solve(M, W.T @ (x - b))
+    post_var = torch.diagonal(SIGMA ** 2 * torch.linalg.inv(M))
+    return dict(W=W, b=b, x=x, log_px=log_px, post_mu=post_mu, post_logvar=post_var.log())
+
+
+def elbo_terms(ppca, mu, logvar, n, seed):
+    """One-sample ELBO estimates with vae.py's functions: (rec, kl) per draw."""
+    z = V.reparameterize(mu.expand(n, K), logvar.expand(n, K),
+                         torch.randn(n, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    mean_x = z @ ppca["W"].T + ppca["b"]
+    rec = V.gaussian_log_likelihood(ppca["x"].expand(n, D), mean_x, math.log(SIGMA ** 2))
+    return V.elbo(rec, mu.expand(n, K), logvar.expand(n, K))
+
+
+def test_reparameterised_draws_have_the_encoder_mean_and_variance():
+    N = 100000
+    mu, logvar = torch.tensor([0.5, -2.0]), torch.tensor([0.0, math.log(0.09)])
+    z = V.reparameterize(mu.expand(N, 2), logvar.expand(N, 2))
+    sd = logvar.mul(0.5).exp()
+    assert ((z.mean(0) - mu).abs() < 4 * sd / math.sqrt(N)).all()
+    assert ((z.std(0) - sd).abs() < 4 * sd / math.sqrt(2 * N)).all()
+
+
+def test_analytic_kl_equals_monte_carlo_estimate():
+    g = torch.Generator().manual_seed(1)
+    mu, logvar = torch.randn(1, 5, generator=g, dtype=torch.float64), torch.randn(1, 5, generator=g, dtype=torch.float64)
+    N = 200000
+    z = V.reparameterize(mu.expand(N, 5), logvar.expand(N, 5), torch.randn(N, 5, generator=g, dtype=torch.float64))
+    q = torch.distributions.Normal(mu, logvar.mul(0.5).exp())
+    log_ratio = (q.log_prob(z) - torch.distributions.Normal(0.0, 1.0).log_prob(z)).sum(1)
+    kl = V.kl_standard_normal(mu, logvar).item()
+    assert abs(log_ratio.mean().item() - kl) < 4 * log_ratio.std().item() / math.sqrt(N)
+
+
+def test_likelihoods_match_their_densities():
+    g = torch.Generator().manual_seed(2)
+    x, mean = torch.randn(4, 3, 2, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
+    ref = torch.distributions.Normal(mean, math.exp(0.5 * -1.3)).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(V.gaussian_log_likelihood(x, mean, -1.3), ref, rtol=1e-12)
+    x01, logits = torch.rand(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    p = torch.sigmoid(logits)
+    assert torch.allclose(V.bernoulli_log_likelihood(x01, logits), (x01 * p.log() + (1 - x01) * (1 - p).log()).sum(1))
+
+
+def test_elbo_equals_log_px_at_the_exact_posterior_for_every_draw(ppca):
+    # at q = p(z|x), log p(x|z) + log p(z) - log q(z|x) = log p(x) for every z, so one draw is already exact
+    mu, logvar = ppca["post_mu"], ppca["post_logvar"]
+    z = V.reparameterize(mu.expand(50, K), logvar.expand(50, K))
+    log_joint = (V.gaussian_log_likelihood(ppca["x"].expand(50, D), z @ ppca["W"].T + ppca["b"], math.log(SIGMA ** 2))
+                 + torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1))
+    log_q = torch.distributions.Normal(mu, logvar.mul(0.5).exp()).log_prob(z).sum(1)
+    assert torch.allclose(log_joint - log_q, torch.full((50,), ppca["log_px"], dtype=torch.float64), rtol=1e-12)
+    # and the ELBO of vae.py (analytic KL) averages to log p(x)
+    N = 100000
+    rec, kl = elbo_terms(ppca, mu, logvar, N, seed=3)
+    est = rec - kl
+    assert abs(est.mean().item() - ppca["log_px"]) < 4 * est.std().item() / math.sqrt(N)
+
+
+def test_elbo_gap_is_the_kl_to_the_true_posterior(ppca):
+    # log p(x) - ELBO(q) = KL(q || p(z|x)) >= 0 for any Gaussian q
+    mu = ppca["post_mu"] + torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+    logvar = ppca["post_logvar"] + torch.tensor([0.4, -0.6, 0.1], dtype=torch.float64)
+    N = 200000
+    rec, kl = elbo_terms(ppca, mu, logvar, N, seed=4)
+    est = rec - kl
+    q = torch.distributions.Normal(mu, logvar.mul(0.5).exp())
+    post = torch.distributions.Normal(ppca["post_mu"], ppca["post_logvar"].mul(0.5).exp())
+    gap = torch.distributions.kl_divergence(q, post).sum().item()
+    assert gap > 0.1
+    assert abs((ppca["log_px"] - est.mean().item()) - gap) < 4 * est.std().item() / math.sqrt(N)
+    assert est.mean().item() < ppca["log_px"]
+
+
+def test_vae_network_shapes_and_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = V.VAE(img_ch=1, image_size=32, ch=32, z_dim=8)
+    x = torch.rand(16, 1, 32, 32) * 2 - 1
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (16, 8)
+    assert model.decode(mu).shape == x.shape
+    rec, kl, x_hat = model(x)
+    assert rec.shape == kl.shape == (16,) and x_hat.shape == x.shape
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    # the config is plain data that rebuilds the model
+    clone = V.VAE(**model.config)
+    clone.load_state_dict(model.state_dict())
+    assert torch.equal(clone.decode(mu.detach()), model.decode(mu.detach()))
+
+
+def test_vae_rejects_image_sizes_it_cannot_downsample():
+    with pytest.raises(ValueError, match="divisible by 8"):
+        V.VAE(image_size=30)
