@@ -1,0 +1,165 @@
+"""Sample from a trained DiffuseVAE: z ~ N(0, I) -> decoder -> x_hat_0 -> DDPM refinement in --steps steps.
+
+    python sample.py --steps 10                          # VAE samples beside their refinements (DDIM)
+    python sample.py --steps 1000 --sampler ddpm         # ancestral sampling, DDPM Algorithm 2
+    python sample.py --mode recon                        # test images, their VAE reconstructions, refined
+    python sample.py --mode interp                       # a path in z, the DDPM noise held fixed
+    python sample.py --mode arith --attr 5 --base 9      # z + (mean z of class 5 - mean z of class 9)
+
+Everything needed comes from the stage-2 checkpoint (model args, EMA weights, the VAE it was trained with):
+no model flags. Writes a PNG grid and an .npz of the samples in [0, 1] ("vae": x_hat_0, "x0": refined).
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+import ddpm
+import diffusevae as DV
+from checkpoint import CheckpointError, load
+from data import DataError, load_dataset, save_grid, to_model_range, to_unit_range
+from unet import UNet
+from vae import VAE
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="a stage-2 checkpoint from train.py --stage ddpm")
+    p.add_argument("--mode", default="sample", choices=["sample", "recon", "interp", "arith"])
+    p.add_argument("--steps", type=int, default=10, help="denoiser calls, 1..T")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic, 1 ancestral)")
+    p.add_argument("--var_type", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
+                   help="ancestral sigma_t^2: beta_t or beta-tilde_t")
+    p.add_argument("--n", type=int, default=16, help="how many samples (rows of 8 in the grid for --mode sample)")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, t^2 I)")
+    p.add_argument("--noise_temperature", type=float, default=1.0, help="scale of the DDPM's x_T noise")
+    p.add_argument("--attr", type=int, default=None, help="--mode arith: class whose mean z is added")
+    p.add_argument("--base", type=int, default=None, help="--mode arith: class whose mean z is subtracted")
+    p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith")
+    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if args.eta < 0:
+        p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral), got {args.eta}")
+    if args.n < 1 or args.batch_size < 1:
+        p.error("--n and --batch_size must be at least 1")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.mode == "arith" and (args.attr is None or args.base is None):
+        p.error("--mode arith needs --attr CLASS and --base CLASS (e.g. --attr 5 --base 9: sandal minus ankle boot)")
+    return args
+
+
+def load_models(path, device):
+    """Rebuild the EMA denoiser, the VAE (if any) and the diffusion process from a stage-2 checkpoint."""
+    ck = load(path, stage="ddpm", hint="Train one with: python train.py --stage vae && python train.py --stage ddpm")
+    cfg = ck["config"]
+    net = UNet(**ck["model_args"])
+    try:
+        net.load_state_dict(ck["ema"])
+        vae = None
+        if "vae" in ck:
+            vae = VAE(**ck["vae"]["model_args"])
+            vae.load_state_dict(ck["vae"]["ema"])
+            vae.to(device).eval()
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e)[:200]}); the file is damaged")
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
+    return net.to(device).eval(), vae, diffusion, cfg
+
+
+@torch.no_grad()
+def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, generator=None, x_T_noise=None):
+    """x_hat_0 = dec(z) (unless given) and its refinement; returns (x_hat_0 or None, x_0), both in [-1, 1]."""
+    device = next(net.parameters()).device
+    if x_hat0 is None and vae is not None:
+        x_hat0 = vae.decode(z)
+    size = net.config["image_size"]
+    x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=args.steps, sampler=args.sampler, eta=args.eta,
+                   temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
+                   generator=generator, var_type=args.var_type, x_T_noise=x_T_noise)
+    return x_hat0, x0.clamp(-1, 1)
+
+
+def class_mean_z(vae, cfg, args, device, label):
+    images, labels = load_dataset(cfg["dataset"], args.data_dir, split="train", image_size=vae.config["image_size"])
+    if labels is None:
+        raise DataError(f"dataset {cfg['dataset']} has no labels, so --mode arith has no classes to average")
+    sel = images[labels == label][:2000]
+    if len(sel) == 0:
+        raise DataError(f"class {label} has no images in {cfg['dataset']} (classes are 0..{int(labels.max())})")
+    return vae.encode(to_model_range(sel).to(device))[0].mean(0)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        net, vae, diffusion, cfg = load_models(args.ckpt, device)
+        if args.steps > diffusion.T:
+            raise ValueError(f"--steps {args.steps} is more than the T = {diffusion.T} steps the model was trained with")
+        if vae is None and args.mode != "sample":
+            raise ValueError(f"--mode {args.mode} needs a VAE, but {args.ckpt} is the unconditional baseline")
+        out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"{args.mode}_{args.sampler}{args.steps}")
+        try:
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        except OSError as e:
+            raise PermissionError(f"cannot write to {os.path.dirname(out)} ({e.strerror}): choose another --out")
+        with torch.inference_mode():  # sampling never needs autograd: no graph, less memory
+            rows, arrays = run_mode(args, net, vae, diffusion, cfg, device)
+    except (CheckpointError, DataError, ValueError, PermissionError) as e:
+        raise SystemExit(f"error: {e}")
+    np.savez(f"{out}.npz", **{k: to_unit_range(v).cpu().numpy().astype(np.float32) for k, v in arrays.items()})
+    save_grid(torch.cat(rows), f"{out}.png", nrow=rows[0].shape[0] if args.mode != "sample" else 8)
+    print(f"wrote {out}.png and {out}.npz ({', '.join(f'{k}: {tuple(v.shape)}' for k, v in arrays.items())})")
+
+
+def run_mode(args, net, vae, diffusion, cfg, device):
+    """Returns (grid rows, arrays to save) for the chosen mode."""
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    size, img_ch = net.config["image_size"], net.config["img_ch"]
+    z_dim = vae.z_dim if vae is not None else 0
+    if args.mode == "sample":
+        vae_out, refined = [], []
+        for start in range(0, args.n, args.batch_size):
+            b = min(args.batch_size, args.n - start)
+            z = args.temperature * torch.randn(b, z_dim, generator=g, device=device) if vae is not None else None
+            x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=b, args=args, generator=g)
+            refined.append(x0)
+            vae_out.append(x_hat0 if x_hat0 is not None else x0)
+        x0, x_hat0 = torch.cat(refined), torch.cat(vae_out)
+        if vae is None:
+            return [x0[:64]], {"x0": x0}
+        # interleave rows of 8: VAE samples, then their refinements
+        k = min(args.n, 64)
+        pairs = [t for i in range(0, k, 8) for t in (x_hat0[i:i + 8], x0[i:i + 8])]
+        return pairs, {"vae": x_hat0, "x0": x0}
+    if args.mode == "recon":
+        images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=size)
+        x = to_model_range(images[: args.n]).to(device)
+        x_hat0 = vae.decode(vae.encode(x)[0])  # the posterior mean's decoding
+        _, x0 = generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=len(x), args=args, generator=g)
+        return [x, x_hat0, x0], {"data": x, "vae": x_hat0, "x0": x0}
+    if args.mode == "interp":
+        z0, z1 = (torch.randn(1, z_dim, generator=g, device=device) * args.temperature for _ in range(2))
+        w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
+        z = (1 - w) * z0 + w * z1
+        noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
+        x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=args.n, args=args, generator=g, x_T_noise=noise)
+        return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
+    # arith: z + s (mean z of class attr - mean z of class base), s = 0 .. 1.5, with the DDPM noise held fixed
+    direction = class_mean_z(vae, cfg, args, device, args.attr) - class_mean_z(vae, cfg, args, device, args.base)
+    base = torch.randn(1, z_dim, generator=g, device=device) * args.temperature
+    s = torch.linspace(0, 1.5, args.n, device=device).unsqueeze(1)
+    noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
+    x_hat0, x0 = generate(net, vae, diffusion, cfg, z=base + s * direction, n=args.n, args=args, generator=g,
+                          x_T_noise=noise)
+    return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Train DiffuseVAE in two stages ([DiffuseVAE]: the joint ELBO splits into L_VAE + L_DDPM, trained in turn).
+
+    python train.py --stage vae                 # stage 1: the VAE, maximising the ELBO (vae.py)
+    python train.py --stage ddpm --form 2       # stage 2: the DDPM refiner on (x_0, x_hat_0), VAE frozen
+    python train.py --stage ddpm --cond none    # the unconditional DDPM baseline, same UNet and budget
+    torchrun --nproc_per_node=4 train.py ...    # several GPUs (or CPU processes): DistributedDataParallel
+
+Each stage writes one checkpoint (checkpoint.py) and, periodically, a sample grid and a loss curve next to it.
+--resume continues exactly: every step's randomness is a function of (seed, rank, step), so a resumed run
+draws the same batches, timesteps and noise as an uninterrupted one. Ctrl-C / SIGTERM save before exiting.
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import ddpm
+import diffusevae as DV
+from checkpoint import CheckpointError, load, save_atomic
+from data import DataError, load_dataset, save_grid, to_model_range
+from unet import UNet
+from vae import VAE
+
+# ----------------------------------------------------------------------------- presets
+# "cpu" (default) is sized so both stages plus sampling finish in about 15 minutes on a 2-core CPU.
+# "cifar10" / "celeba64" carry the DiffuseVAE paper's settings (its official configs) for GPUs.
+PRESETS = {
+    "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=2e-3, vae_lr=2e-3, warmup=200,
+                vae_steps=1500, ddpm_steps=3000, ema_decay=0.995, vae_ch=32, z_dim=32,
+                ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
+                schedule="linear", T=1000, sample_every=1000, ckpt_every=500),
+    "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
+                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128,
+                    ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3,
+                    schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
+    "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
+                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256,
+                     ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1,
+                     schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", required=True, choices=["vae", "ddpm"])
+    p.add_argument("--preset", default="cpu", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--form", type=int, default=2, help="DiffuseVAE formulation: 1 or 2")
+    p.add_argument("--cond", default="vae", help="'vae' (DiffuseVAE) or 'none' (unconditional DDPM baseline)")
+    p.add_argument("--out_dir", default="runs/fashion", help="where checkpoints, grids and curves go")
+    p.add_argument("--vae_ckpt", default=None, help="stage-1 checkpoint (default: OUT_DIR/vae.pt)")
+    p.add_argument("--ckpt", default=None, help="this stage's checkpoint (default: OUT_DIR/{vae,ddpm}.pt)")
+    p.add_argument("--data_dir", default=None)
+    p.add_argument("--dataset", default=None, help="fashion_mnist | cifar10 | folder (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the preset's)")
+    p.add_argument("--batch_size", type=int, default=None, help="global batch size (split across ranks)")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--subset", type=int, default=None, help="train on the first N images only (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt exactly")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    p.add_argument("--log_every", type=int, default=50)
+    p.add_argument("--sample_every", type=int, default=None)
+    p.add_argument("--ckpt_every", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.preset not in PRESETS:
+        p.error(f"unknown preset {args.preset!r}: choose one of {sorted(PRESETS)}")
+    if args.form not in (1, 2):
+        p.error(f"unknown form {args.form}: choose 1 (conditioned reverse process) or 2 (x_hat_0-shifted forward)")
+    if args.cond not in ("vae", "none"):
+        p.error(f"unknown --cond {args.cond!r}: choose 'vae' or 'none'")
+    if args.cond == "none" and args.form == 2:
+        args.form = 1  # the unconditional baseline has no x_hat_0 to shift by
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    cfg = dict(PRESETS[args.preset])
+    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.stage == "vae" and args.lr is not None:
+        cfg["vae_lr"] = args.lr
+    cfg["steps"] = args.steps or cfg[f"{args.stage}_steps"]
+    args.ckpt = args.ckpt or os.path.join(args.out_dir, f"{args.stage}.pt")
+    args.vae_ckpt = args.vae_ckpt or os.path.join(args.out_dir, "vae.pt")
+    return args, cfg
+
+
+# ----------------------------------------------------------------------------- devices and processes
+
+def setup_distributed(device_flag):
+    """One process per device under torchrun (NCCL on GPU, gloo on CPU); a plain process otherwise."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device_flag is None else device_flag.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but CUDA is not available; drop the flag to use the CPU")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: ~free speed on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def step_seed(seed, rank, step):
+    """Every step's randomness (batch, t, noise, dropout) comes from this seed: resuming is exact."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2 ** 63)
+
+
+# ----------------------------------------------------------------------------- models
+
+def build(args, cfg, img_ch, device):
+    """The model this stage trains, plus (ddpm stage) the frozen VAE and the diffusion process."""
+    if args.stage == "vae":
+        return VAE(img_ch=img_ch, image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"]).to(device), None, None
+    vae = None
+    if args.cond == "vae":
+        hint = "Train the VAE first: python train.py --stage vae (or pass --vae_ckpt PATH)."
+        vck = load(args.vae_ckpt, stage="vae", hint=hint)
+        vae = VAE(**vck["model_args"])
+        vae.load_state_dict(vck["ema"])
+        vae.to(device).eval().requires_grad_(False)
+        if vae.config["img_ch"] != img_ch or vae.config["image_size"] != cfg["image_size"]:
+            raise CheckpointError(f"the VAE in {args.vae_ckpt} makes {vae.config['img_ch']}x{vae.config['image_size']}"
+                                  f" images, but dataset {cfg['dataset']} has {img_ch}x{cfg['image_size']}")
+    net = UNet(img_ch=img_ch, cond_ch=img_ch if vae is not None else 0, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
+               num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
+               dropout=cfg["dropout"], image_size=cfg["image_size"]).to(device)
+    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
+    return net, vae, diffusion
+
+
+class EMA:
+    """Exponential moving average of the weights, theta_ema <- d theta_ema + (1 - d) theta (Polyak averaging)."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.params = [p.detach().clone() for p in model.parameters()]
+        self.buffers = [b.detach().clone() for b in model.buffers()]
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten quickly
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - d)  # fused: one kernel
+        for b, mb in zip(self.buffers, model.buffers()):
+            b.copy_(mb)
+
+    def state_dict(self, model):
+        names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+        return {n: t.clone().cpu() for n, t in zip(names, self.params + self.buffers)}
+
+    def load_state_dict(self, model, state):
+        for t, n in zip(self.params + self.buffers,
+                        [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]):
+            t.copy_(state[n])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def main(argv=None):
+    args, cfg = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if cfg["batch_size"] % world:
+        raise SystemExit(f"--batch_size {cfg['batch_size']} must be divisible by the {world} processes")
+    per_rank = cfg["batch_size"] // world
+    if master:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to {os.path.dirname(args.ckpt)} ({e.strerror}); choose a writable --out_dir")
+
+    try:
+        images, _ = load_dataset(cfg["dataset"], args.data_dir, split="train", image_size=cfg["image_size"])
+        if args.subset:
+            images = images[: args.subset]
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        model, vae, diffusion = build(args, cfg, images.shape[1], device)
+    except (DataError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    shard = images[rank::world]  # per-rank data sharding: each process sees its own slice
+    if len(shard) < per_rank:
+        raise SystemExit(f"only {len(shard)} images per process but a per-process batch of {per_rank}: lower --batch_size")
+
+    lr = cfg["vae_lr"] if args.stage == "vae" else cfg["lr"]
+    fused = device.type == "cuda"  # the fused AdamW kernel is a CUDA speed-up
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
+    ema = EMA(model, cfg["ema_decay"])
+    step, history = 0, []
+    if args.resume:
+        try:
+            ck = load(args.ckpt, stage=args.stage, hint="Drop --resume to start a new run.")
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}")
+        if ck["model_args"] != model.config:
+            raise SystemExit(f"error: {args.ckpt} holds a model with {ck['model_args']}, but this run builds "
+                             f"{model.config}: resume with the same --preset and flags")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(model, ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        step, history = ck["step"], [tuple(h) for h in ck["history"]]
+    elif master and os.path.exists(args.ckpt):
+        raise SystemExit(f"error: {args.ckpt} exists. Pass --resume to continue it, or --out_dir/--ckpt for a new "
+                         f"run (train.py never overwrites a trained model).")
+
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda" and cfg["image_size"] >= 32:
+        raw_model.to(memory_format=torch.channels_last)  # faster convs with bf16 on tensor cores
+
+    def checkpoint():
+        if not master:
+            return
+        bad = [n for n, p in raw_model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise SystemExit(f"error: weights became non-finite ({bad[0]}...) at step {step}; "
+                             f"the last good checkpoint {args.ckpt} is kept")
+        ck = dict(stage=args.stage, model_args=raw_model.config, config=dict(cfg, form=args.form, cond=args.cond,
+                  seed=args.seed, dataset=cfg["dataset"], world=world), model=raw_model.state_dict(),
+                  ema=ema.state_dict(raw_model), optimizer=opt.state_dict(), step=step, history=history)
+        if vae is not None:
+            ck["vae"] = dict(model_args=vae.config, ema={k: v.cpu() for k, v in vae.state_dict().items()})
+        save_atomic(ck, args.ckpt)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum  # finish the current step, save, exit
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    quartile_sum, quartile_n = torch.zeros(4, device=device), torch.zeros(4, device=device)
+    window, t0, seen = [], time.time(), 0
+    bar = tqdm(total=cfg["steps"], initial=step, disable=not master, desc=f"{args.stage}", dynamic_ncols=True)
+    model.train()
+    while step < cfg["steps"]:
+        g = torch.Generator().manual_seed(step_seed(args.seed, rank, step))
+        torch.manual_seed(step_seed(args.seed, rank, step))  # t, noise, dropout, the VAE's z
+        idx = torch.randint(0, len(shard), (per_rank,), generator=g)
+        x0 = to_model_range(shard[idx]).to(device, non_blocking=True)
+        if device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        for group in opt.param_groups:  # linear warm-up
+            group["lr"] = lr * min(1.0, (step + 1) / cfg["warmup"])
+        with autocast:
+            if args.stage == "vae":
+                rec, kl, _ = model(x0)  # through the DDP/compile wrapper, so gradients are all-reduced
+                loss = (kl - rec).mean() / x0[0].numel()  # negative ELBO, nats per dimension (vae.py)
+            else:
+                x_hat0 = DV.condition_from_vae(vae, x0) if vae is not None else None
+                losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form)
+                loss = losses.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(raw_model, step)
+        step += 1
+        seen += per_rank * world
+        window.append(loss.detach())
+        if args.stage == "ddpm":  # loss by timestep quartile: shows where the model is weak
+            q = (t * 4) // diffusion.T
+            quartile_sum.index_add_(0, q, losses.detach().float())
+            quartile_n.index_add_(0, q, torch.ones_like(q, dtype=torch.float))
+        if step % args.log_every == 0 or step == cfg["steps"]:
+            mean_loss = torch.stack(window).mean().item()
+            window = []
+            if not math.isfinite(mean_loss):
+                raise SystemExit(f"error: loss is {mean_loss} at step {step}; stopping. The last good checkpoint "
+                                 f"{args.ckpt} is kept; lower --lr or check the data.")
+            history.append((step, mean_loss))
+            ips = seen / (time.time() - t0)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
+            bar.update(args.log_every if step % args.log_every == 0 else step % args.log_every)
+            if args.stage == "ddpm" and master:
+                ql = (quartile_sum / quartile_n.clamp(min=1)).tolist()
+                bar.write(f"step {step} loss {mean_loss:.4f} by t-quartile " + " ".join(f"{v:.4f}" for v in ql))
+                quartile_sum.zero_(), quartile_n.zero_()
+        if world > 1:  # every rank must stop at the same step, or DDP's collectives hang
+            flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop["signal"]:
+            checkpoint()
+        if master and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
+            write_pictures(args, cfg, raw_model, ema, vae, diffusion, history, device)
+        if stop["signal"]:
+            if master:
+                bar.write(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved to {args.ckpt}")
+            break
+    bar.close()
+    if world > 1:  # DDP keeps the replicas in lock-step; check it once, exactly, against rank 0
+        flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        differ = torch.tensor([0.0 if torch.equal(ref, flat) else 1.0], device=device)
+        dist.all_reduce(differ)
+        if master:
+            print(f"ranks {'DIFFER' if differ.item() else 'agree'}: weights "
+                  f"{'not ' if differ.item() else ''}identical on {world} processes", flush=True)
+        dist.destroy_process_group()
+    if stop["signal"]:
+        sys.exit(128 + stop["signal"])
+
+
+@torch.no_grad()
+def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16):
+    """A sample grid from the EMA weights and the loss curve, next to the checkpoint."""
+    import copy
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ema_model = copy.deepcopy(model)
+    ema_model.load_state_dict(ema.state_dict(model))
+    ema_model.eval()
+    g = torch.Generator(device=device).manual_seed(0)
+    base = os.path.splitext(args.ckpt)[0]
+    if args.stage == "vae":
+        rows = [ema_model.sample(n, generator=g, device=device)[0]]
+    else:
+        x_hat0 = vae.sample(n, generator=g, device=device)[0] if vae is not None else None
+        img_ch = ema_model.config["img_ch"]
+        x0 = DV.refine(ema_model, diffusion, x_hat0, form=args.form, steps=10, generator=g,
+                       shape=(n, img_ch, cfg["image_size"], cfg["image_size"]))
+        rows = [x_hat0, x0] if x_hat0 is not None else [x0]
+    save_grid(torch.cat(rows), f"{base}_samples.png", nrow=n)
+    if history:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        s, l = zip(*history)
+        ax.plot(s, l)
+        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.set_title(f"{args.stage} loss")
+        fig.tight_layout()
+        fig.savefig(f"{base}_loss.png", dpi=100)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
