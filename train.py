@@ -31,17 +31,17 @@ from vae import VAE
 # "cpu" (default) is sized so both stages plus sampling finish in about 15 minutes on a 2-core CPU.
 # "cifar10" / "celeba64" carry the DiffuseVAE paper's settings (its official configs) for GPUs.
 PRESETS = {
-    "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=2e-3, vae_lr=2e-3, warmup=200,
-                vae_steps=1500, ddpm_steps=3000, ema_decay=0.995, vae_ch=32, z_dim=32,
-                ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0,
-                schedule="linear", T=1000, sample_every=1000, ckpt_every=500),
+    "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
+                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32,
+                ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
+                schedule="linear", T=1000, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128,
-                    ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3,
+                    ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
                     schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
                      vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256,
-                     ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1,
+                     ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
                      schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
 }
 
@@ -135,7 +135,7 @@ def build(args, cfg, img_ch, device):
                                   f" images, but dataset {cfg['dataset']} has {img_ch}x{cfg['image_size']}")
     net = UNet(img_ch=img_ch, cond_ch=img_ch if vae is not None else 0, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
                num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
-               dropout=cfg["dropout"], image_size=cfg["image_size"]).to(device)
+               dropout=cfg["dropout"], image_size=cfg["image_size"], norm_groups=cfg["norm_groups"]).to(device)
     diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
     return net, vae, diffusion
 

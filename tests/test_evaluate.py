@@ -1,0 +1,282 @@
+"""FID and KID, checked: the Frechet distance against closed forms and an independent float64 reference,
+the finite-N estimators against their derived bias to a few standard errors (SE) over seeds, KID's kernel by
+hand. Then the feature network, its checkpoint and the sample loader. No dataset, no network access."""
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+
+def random_spd(rng, d):
+    """A well-conditioned random SPD matrix: A A^T / d + 0.1 I (eigenvalues in about [0.1, 4.1])."""
+    a = rng.standard_normal((d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def random_rotation(rng, d):
+    return np.linalg.qr(rng.standard_normal((d, d)))[0]
+
+
+# ----------------------------------------------------------------------------- the Frechet distance
+
+def test_frechet_of_identical_gaussians_is_zero():
+    rng = np.random.default_rng(0)
+    for d in (1, 8, 64):
+        mu, s = rng.standard_normal(d), random_spd(rng, d)
+        assert abs(ev.frechet_distance(mu, s, mu, s)) <= 1e-10 * np.trace(s)
+
+
+def test_frechet_isotropic_closed_form():
+    # S1 = a^2 I, S2 = b^2 I: (S1^1/2 S2 S1^1/2)^1/2 = ab I, so d^2 = ||dmu||^2 + d (a^2 + b^2 - 2ab)
+    rng = np.random.default_rng(1)
+    d, a, b = 16, 0.7, 1.9
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    exact = d * (a - b) ** 2 + ((mu1 - mu2) ** 2).sum()
+    assert ev.frechet_distance(mu1, a ** 2 * np.eye(d), mu2, b ** 2 * np.eye(d)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_frechet_commuting_covariances_closed_form():
+    # S1 = Q diag(s1) Q^T, S2 = Q diag(s2) Q^T commute: d^2 = ||dmu||^2 + sum_i (sqrt(s1_i) - sqrt(s2_i))^2
+    rng = np.random.default_rng(2)
+    d = 12
+    s1, s2 = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    for q in (np.eye(d), random_rotation(rng, d)):  # diagonal, then the same pair in a rotated basis
+        got = ev.frechet_distance(mu1, q @ np.diag(s1) @ q.T, mu2, q @ np.diag(s2) @ q.T)
+        assert got == pytest.approx(exact, rel=1e-10)
+
+
+def frechet_reference(mu1, s1, mu2, s2):
+    """Computed differently: S1 S2 = S1^1/2 (S1^1/2 S2 S1^1/2) S1^-1/2 is similar to a symmetric PSD matrix,
+    so its (non-symmetric) eigenvalues are real, >= 0, and Tr (S1^1/2 S2 S1^1/2)^1/2 = sum sqrt(eig(S1 S2))."""
+    lam = np.linalg.eigvals(s1 @ s2)
+    assert np.abs(lam.imag).max() <= 1e-10 * np.abs(lam).max()
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(lam.real).sum()
+
+
+def test_frechet_matches_eigenvalues_of_product_reference():
+    rng = np.random.default_rng(3)
+    for d in (2, 10, 64):
+        s1, s2 = random_spd(rng, d), random_spd(rng, d)  # do not commute
+        assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.1
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(frechet_reference(mu1, s1, mu2, s2), rel=1e-8)
+
+
+def test_frechet_is_symmetric():
+    rng = np.random.default_rng(4)
+    d = 32
+    mu1, s1, mu2, s2 = rng.standard_normal(d), random_spd(rng, d), rng.standard_normal(d), random_spd(rng, d)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ev.frechet_distance(mu2, s2, mu1, s1), rel=1e-12)
+
+
+def test_frechet_rank_deficient_covariances_is_finite_and_nonnegative():
+    # fewer samples than dims: both covariances are singular, of rank n - 1 < d
+    rng = np.random.default_rng(5)
+    d, n = 64, 20
+    x, y = rng.standard_normal((n, d)), 1.5 * rng.standard_normal((n, d))
+    (mu1, s1), (mu2, s2) = ev.feature_stats(x), ev.feature_stats(y)
+    assert np.linalg.matrix_rank(s1) == n - 1
+    got = ev.frechet_distance(mu1, s1, mu2, s2)
+    assert np.isfinite(got) and got > 0
+    # reference from the data, with no matrix square root: S1 = A^T A, S2 = B^T B (A, B centred / sqrt(n - 1)),
+    # and Tr (S1^1/2 S2 S1^1/2)^1/2 = ||S1^1/2 S2^1/2||_* = ||B A^T||_*, the nuclear norm of an n x n matrix.
+    a, b = (x - x.mean(0)) / np.sqrt(n - 1), (y - y.mean(0)) / np.sqrt(n - 1)
+    ref = ((mu1 - mu2) ** 2).sum() + (a * a).sum() + (b * b).sum() - 2 * np.linalg.svd(b @ a.T, compute_uv=False).sum()
+    # 1e-10: float64 rounding with room to spare. Without the cut of eigenvalues below eigh's rounding level,
+    # each of the d - n + 1 zero eigenvalues comes out as ~eps ||S||, and sqrt makes that ~1e-8 ||S||^1/2.
+    assert got == pytest.approx(ref, rel=1e-10)
+    assert abs(ev.frechet_distance(mu1, s1, mu1, s1)) <= 1e-12 * np.trace(s1)
+
+
+# ----------------------------------------------------------------------------- FID as an estimator
+
+def fid_bias(lam, n):
+    """E[FID] between two independent n-sample sets from one Gaussian with covariance eigenvalues lam, to
+    second order in 1/n. Mean term: mu1_hat - mu2_hat ~ N(0, 2 S / n), so E||.||^2 = 2 Tr S / n.
+    Covariance term: the squared Bures distance near S = diag(lam) is 1/2 sum_ij H_ij^2 / (lam_i + lam_j),
+    with H = S1_hat - S2_hat, E H_ij^2 = 2 Var S_hat_ij = 2 (lam_i lam_j + [i = j] lam_i^2) / (n - 1)."""
+    pair = np.outer(lam, lam) / np.add.outer(lam, lam)
+    return 2 * lam.sum() / n + (pair.sum() + lam.sum() / 2) / (n - 1)
+
+
+def fid_over_seeds(lam, n, seeds, shift=None):
+    """FID of two independent n-sample sets from N(0, Q diag(lam) Q^T) (the second shifted), one per seed."""
+    d = len(lam)
+    root = random_rotation(np.random.default_rng(0), d) * np.sqrt(lam)  # root @ root.T = Q diag(lam) Q^T
+    shift = np.zeros(d) if shift is None else shift
+    vals = []
+    for s in range(seeds):
+        rng = np.random.default_rng(100 + s)
+        x, y = rng.standard_normal((n, d)) @ root.T, rng.standard_normal((n, d)) @ root.T + shift
+        vals.append(ev.fid_from_features(x, y))
+    return np.array(vals)
+
+
+def test_fid_of_one_gaussian_matches_its_finite_n_bias():
+    lam, n, seeds = np.linspace(0.5, 2.0, 8), 4000, 100
+    vals = fid_over_seeds(lam, n, seeds)
+    se = vals.std(ddof=1) / np.sqrt(seeds)
+    assert abs(vals.mean() - fid_bias(lam, n)) < 4 * se
+    assert vals.mean() < 0.01 * lam.sum()  # "close to zero": ~(d^2 / 2n) x the mean variance Tr S / d
+    assert fid_bias(lam, n) > 2 * lam.sum() / n + 4 * se  # the covariance term matters: the mean term alone fails
+
+
+def test_fid_of_a_mean_shift_is_its_squared_norm_plus_bias():
+    lam, n, seeds = np.linspace(0.5, 2.0, 8), 4000, 100
+    delta = np.full(8, 0.1)  # ||delta||^2 = 0.08
+    vals = fid_over_seeds(lam, n, seeds, shift=delta)
+    se = vals.std(ddof=1) / np.sqrt(seeds)
+    assert abs(vals.mean() - (delta @ delta + fid_bias(lam, n))) < 4 * se
+
+
+# ----------------------------------------------------------------------------- KID
+
+def test_kid_kernel_and_mmd_by_hand():
+    # k(x, y) = (x.y / 2 + 1)^3 in d = 2 dims
+    x = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    y = np.array([[0.0, 0.0], [-2.0, 0.0]])
+    # x.x' for the 3 distinct pairs: 0, 4, 4 -> k = 1, 27, 27; mean over the 6 ordered pairs = 110 / 6
+    # y.y' = 0 -> k = 1; mean = 1
+    # x.y: 0, -4, 0, 0, 0, -4 -> k = 1, -1, 1, 1, 1, -1; mean = 2 / 6
+    assert np.allclose(ev.polynomial_kernel(x, y), [[1, -1], [1, 1], [1, -1]])
+    assert ev.mmd2_unbiased(x, y) == pytest.approx(110 / 6 + 1 - 2 * 2 / 6, rel=1e-14)  # = 56 / 3
+
+
+def test_kid_is_unbiased_for_one_distribution():
+    d, n, seeds = 16, 100, 200
+    unbiased, v_statistic = [], []
+    for s in range(seeds):
+        rng = np.random.default_rng(s)
+        x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+        unbiased.append(ev.mmd2_unbiased(x, y))
+        k = ev.polynomial_kernel
+        v_statistic.append(k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean())  # keeps the i = j terms
+    unbiased, v_statistic = np.array(unbiased), np.array(v_statistic)
+    se = unbiased.std(ddof=1) / np.sqrt(seeds)
+    assert abs(unbiased.mean()) < 4 * se
+    assert (unbiased < 0).any()  # unbiased for 0 means it must sometimes go below it
+    assert v_statistic.mean() > 20 * se  # the test has the power to see the biased estimator's bias
+
+
+def test_kid_is_positive_for_shifted_distributions_and_seeded():
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((1000, 16)), rng.standard_normal((1000, 16)) + 0.3
+    mean, std = ev.kid(x, y, subsets=20, subset_size=200)
+    assert mean - 3 * std > 0
+    assert ev.kid(x, y, subsets=20, subset_size=200) == (mean, std)
+    assert ev.kid(x, y, subsets=20, subset_size=200, seed=1) != (mean, std)
+
+
+# ----------------------------------------------------------------------------- the feature network
+
+def two_blob_images(n, gen):
+    """Class 0: a bright square top-left; class 1: bottom-right; on a -1 background with noise. (n, 1, 32, 32)."""
+    y = torch.randint(0, 2, (n,), generator=gen)
+    x = -torch.ones(n, 1, 32, 32) + 0.2 * torch.randn(n, 1, 32, 32, generator=gen)
+    x[y == 0, :, 6:14, 6:14] += 1.5
+    x[y == 1, :, 18:26, 18:26] += 1.5
+    return x.clamp(-1, 1), y
+
+
+def test_feature_net_shapes():
+    model = ev.FeatureNet(width=8, feature_dim=128)
+    x = torch.randn(5, 1, 32, 32)
+    assert model.features(x).shape == (5, 128) and model.features(x).dtype == torch.float32
+    assert model(x).shape == (5, 10)
+    assert ev.extract_features(model, x, batch_size=2).shape == (5, 128)
+
+
+def test_feature_net_training_decreases_loss():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = ev.FeatureNet(width=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x_val, y_val = two_blob_images(32, gen)
+    loss = lambda: torch.nn.functional.cross_entropy(model(x_val), y_val).item()  # train-mode BN: batch stats
+    with torch.no_grad():
+        before = loss()
+    for _ in range(10):
+        x, y = two_blob_images(16, gen)
+        ev.train_step(model, opt, ev.augment(x, gen), y)
+    with torch.no_grad():
+        after = loss()
+    assert after < 0.5 * before
+
+
+def test_augment_moves_pixels_and_keeps_the_image():
+    gen = torch.Generator().manual_seed(0)
+    x, _ = two_blob_images(16, gen)
+    x[:, :, :2], x[:, :, -2:], x[:, :, :, :2], x[:, :, :, -2:] = -1, -1, -1, -1  # a 2-px border, as data.py pads
+    out = ev.augment(x, gen, max_shift=2)
+    assert out.shape == x.shape
+    # a flip and a shift within the border only move pixels: each image keeps its values, sorted
+    assert torch.equal(out.flatten(1).sort(1).values, x.flatten(1).sort(1).values)
+    assert not torch.equal(out, x)
+
+
+def test_extract_features_uses_eval_mode_so_batching_does_not_matter():
+    torch.manual_seed(0)
+    model = ev.FeatureNet(width=8).train()
+    x = torch.randn(10, 1, 32, 32)
+    a, b = ev.extract_features(model, x, batch_size=3), ev.extract_features(model, x, batch_size=10)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = ev.FeatureNet(width=8, feature_dim=32)
+    model(torch.randn(4, 1, 32, 32))  # train mode: moves the BatchNorm running statistics off their init
+    path = str(tmp_path / "sub" / "classifier.pt")
+    ev.save_classifier(model, 0.875, path)
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["classifier.pt"]  # no temp file left behind
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"state_dict", "config", "test_accuracy"}
+    loaded, acc = ev.load_classifier(path)
+    assert acc == 0.875 and loaded.config == model.config and not loaded.training
+    x = torch.randn(6, 1, 32, 32)
+    assert torch.equal(ev.extract_features(model, x), ev.extract_features(loaded, x))
+
+
+# ----------------------------------------------------------------------------- the sample loader
+
+def test_load_samples_converts_to_minus_one_one(tmp_path):
+    path = tmp_path / "samples.npz"
+    x = np.random.default_rng(0).uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
+    np.savez(path, x0=x, vae=x)
+    got = ev.load_samples(str(path), "vae", n=3)
+    assert got.shape == (3, 1, 32, 32) and got.dtype == torch.float32
+    assert torch.allclose(got, torch.from_numpy(x[:3]) * 2 - 1)
+    assert ev.keys_to_score(str(path)) == ["x0", "vae"]
+
+
+def test_load_samples_errors_name_the_problem(tmp_path):
+    with pytest.raises(ev.SamplesError, match="no sample file"):
+        ev.load_samples(str(tmp_path / "absent.npz"))
+    path = str(tmp_path / "samples.npz")
+    (tmp_path / "samples.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(ev.SamplesError, match="not an .npz file"):
+        ev.load_samples(path)
+    good = np.zeros((4, 1, 32, 32), np.float32)
+    np.savez(path, samples=good, other=good)
+    with pytest.raises(ev.SamplesError, match="no array 'x0'; it holds: samples, other"):
+        ev.load_samples(path, "x0")
+    np.savez(path, x0=good + 1.5)
+    with pytest.raises(ev.SamplesError, match=r"values must be in \[0, 1\]"):
+        ev.load_samples(path, "x0")
+    np.savez(path, x0=good * 2 - 1)
+    with pytest.raises(ev.SamplesError, match=r"values must be in \[0, 1\], found \[-1"):
+        ev.load_samples(path, "x0")
+    np.savez(path, x0=np.zeros((4, 3, 32, 32), np.float32))
+    with pytest.raises(ev.SamplesError, match=r"shape \(N >= 2, 1, 32, 32\) .* got float32 \(4, 3, 32, 32\)"):
+        ev.load_samples(path, "x0")
+
+
+def test_cli_stops_with_the_message_before_any_slow_step(tmp_path, monkeypatch):
+    path = str(tmp_path / "samples.npz")
+    np.savez(path, samples=np.zeros((4, 1, 32, 32), np.float32))
+    classifier = str(tmp_path / "classifier.pt")  # absent: reaching it would start a training run
+    monkeypatch.setattr("sys.argv", ["evaluate.py", "--samples", path, "--classifier", classifier])
+    with pytest.raises(SystemExit, match="error: .* has no array 'x0'; it holds: samples"):
+        ev.main()
