@@ -46,3 +46,8 @@ def discrete_eps_oracle(diffusion, probs):
 
 def entropy_bits(probs):
     return -(probs * probs.log()).sum().item() / math.log(2)
+
+
+def full(i, n=1):
+    """A (n,) batch of the code timestep i."""
+    return torch.full((n,), i, dtype=torch.long)

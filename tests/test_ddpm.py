@@ -6,19 +6,10 @@ import pytest
 import torch
 
 import ddpm
-from oracles import (discrete_eps_oracle, discrete_gaussian_probs, entropy_bits, gaussian_eps_oracle,
+from oracles import (discrete_eps_oracle, discrete_gaussian_probs, entropy_bits, full, gaussian_eps_oracle,
                      grid_values)
 
 T = 1000
-
-
-@pytest.fixture(scope="module")
-def diff():
-    return ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
-
-
-def full(i, n=1):
-    return torch.full((n,), i, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- schedules

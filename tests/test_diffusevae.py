@@ -7,19 +7,10 @@ import torch
 
 import ddpm
 import diffusevae as DV
-from oracles import gaussian_eps_oracle
+from oracles import full, gaussian_eps_oracle
 from test_ddpm import bayes_posterior_on_grid
 
 T = 1000
-
-
-@pytest.fixture(scope="module")
-def diff():
-    return ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
-
-
-def full(i, n=1):
-    return torch.full((n,), i, dtype=torch.long)
 
 
 def f64(*values):

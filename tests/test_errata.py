@@ -14,11 +14,6 @@ from test_vae import SIGMA, elbo_terms, ppca  # noqa: F401  (ppca is a fixture)
 T = 1000
 
 
-@pytest.fixture(scope="module")
-def diff():
-    return ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
-
-
 def test_luo_forward_step_variance_is_one_minus_alpha_not_its_square_root(diff):
     # [Luo] prints q(x_t|x_{t-1}) with covariance sqrt(1 - alpha_t) I; only (1 - alpha_t) I gives eq. 4's marginal
     v_right = v_printed = 0.0
