@@ -5,9 +5,11 @@ p(x_0:T, z) = p(z) p_theta(x_hat_0 | z) p_phi(x_0:T | x_hat_0), with x_hat_0 = d
 
     log p(x_0) >= L_VAE + E_{z ~ q(z|x_0)}[L_DDPM]                                     [DiffuseVAE]
 
-After the paper's simplifications (y = x_0; the DDPM sees z only through x_hat_0 = dec(z)), the two terms
-share no parameters, so training is two-stage: first maximise L_VAE, then freeze the VAE and train the
-DDPM on (x_0, x_hat_0). `joint_loss` writes the sum; train.py optimises its two halves in turn.
+After the paper's simplifications (y = x_0; the DDPM sees z only through x_hat_0 = dec(z)) the two terms still
+share the VAE: L_DDPM depends on the encoder and decoder through x_hat_0 = dec(z), z ~ q(z|x_0). The paper's
+further simplification is sequential two-stage training: first maximise L_VAE alone, then freeze the VAE and
+maximise E_z[L_DDPM] over the DDPM's parameters only, treating x_hat_0 as given data. `joint_loss` writes the
+sum with x_hat_0 detached (the simplified objective); train.py optimises its two halves in turn.
 
 Two ways for the DDPM to use x_hat_0 ([DiffuseVAE] "Formulation 1/2"). In both the denoiser sees
 x_hat_0, concatenated to x_t as extra input channels (as the paper's code does):
@@ -100,7 +102,7 @@ def joint_loss(vae, eps_model, diffusion, x0, form=1):
 
 @torch.no_grad()
 def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
-           shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None):
+           shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True):
     """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
@@ -109,6 +111,9 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
     i.e. the shift is removed at the end.
     x_hat_0 = None with form 1 samples the unconditional baseline (give `shape` then).
     `x_T_noise` fixes the initial noise (for interpolation with the DDPM noise held fixed).
+    `clip_x0` clamps each predicted x_0 to the data range [-1, 1] (in form 2 the y-chain's x_0 is the data x_0 too).
+    With few steps it matters: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error
+    by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
     """
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
     noise = x_T_noise if x_T_noise is not None else torch.randn(
@@ -122,8 +127,8 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
             return eps_model(y + x_hat0, t, x_hat0)
     else:
         raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
-    return ddpm_sample(diffusion, eps_fn, noise, steps, sampler, eta, var_type, generator=generator,
-                       progress=progress)
+    return ddpm_sample(diffusion, eps_fn, noise, steps, sampler, eta, var_type, clip_x0=clip_x0,
+                       generator=generator, progress=progress)
 
 
 def _device_of(module):

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic, 1 ancestral)")
     p.add_argument("--var_type", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
                    help="ancestral sigma_t^2: beta_t or beta-tilde_t")
+    p.add_argument("--no_clip", action="store_true",
+                   help="do not clamp each predicted x_0 to [-1, 1] (clamping keeps 10-step samples from diverging)")
     p.add_argument("--n", type=int, default=16, help="how many samples (rows of 8 in the grid for --mode sample)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +83,8 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
     size = net.config["image_size"]
     x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=args.steps, sampler=args.sampler, eta=args.eta,
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
-                   generator=generator, var_type=args.var_type, x_T_noise=x_T_noise)
+                   generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
+                   clip_x0=not args.no_clip)
     return x_hat0, x0.clamp(-1, 1)
 
 

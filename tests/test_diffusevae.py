@@ -7,6 +7,7 @@ import torch
 
 import ddpm
 import diffusevae as DV
+from ddpm import extract
 from oracles import full, gaussian_eps_oracle
 from test_ddpm import bayes_posterior_on_grid
 
@@ -93,7 +94,7 @@ def test_form2_sampler_with_exact_denoiser_recovers_the_data_gaussian(diff, samp
     m, s, N = 0.25, 0.5, 20000
     x_hat0 = torch.full((N, 1), -0.7, dtype=torch.float64)  # any x_hat_0: the data law does not depend on it here
     x = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=steps, sampler=sampler, eta=eta,
-                  generator=torch.Generator().manual_seed(3))
+                  generator=torch.Generator().manual_seed(3), clip_x0=False)  # Gaussian data is unbounded
     tol_sd = 0.004 * s if eta == 0 else 0.0  # DDIM's first-order error at T steps (see test_ddpm)
     assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N) + tol_sd
     assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N) + tol_sd
@@ -103,7 +104,7 @@ def test_form2_sampler_starts_at_x_hat0_plus_noise_and_removes_the_shift(diff):
     # one DDIM step from t = T-1 straight to x_0 with the exact denoiser: x_T = x_hat_0 + z, output = x_0-hat
     m, s = 0.25, 0.5
     x_hat0, z = f64(-0.7).reshape(1, 1), f64(0.3).reshape(1, 1)
-    out = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=1, x_T_noise=z)
+    out = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=1, x_T_noise=z, clip_x0=False)
     t = full(T - 1)
     x_T = x_hat0 + z
     expected = DV.form2_predict_x0_from_eps(diff, x_T, t, x_hat0, shifted_oracle(diff, m, s)(x_T, t, x_hat0))
@@ -116,15 +117,47 @@ def test_form1_and_unconditional_baseline_share_the_sampler(diff):
     cond_model = lambda x, t, c: base(x, t)  # a form-1 denoiser that happens to ignore x_hat_0
     x_hat0 = torch.zeros(N, 1, dtype=torch.float64)
     g = torch.Generator().manual_seed(4)
-    x1 = DV.refine(cond_model, diff, x_hat0, form=1, steps=T, sampler="ddpm", generator=g)
+    x1 = DV.refine(cond_model, diff, x_hat0, form=1, steps=T, sampler="ddpm", generator=g, clip_x0=False)
     uncond = lambda x, t, c: (base(x, t) if c is None else None)
     x2 = DV.refine(uncond, diff, None, form=1, steps=T, sampler="ddpm", shape=(N, 1),
-                   generator=torch.Generator().manual_seed(4))
+                   generator=torch.Generator().manual_seed(4), clip_x0=False)
     for x in (x1, x2):
         assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
         assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N)
     with pytest.raises(ValueError, match="form"):
         DV.refine(cond_model, diff, None, form=2, shape=(2, 1))
+
+
+def point_mass_oracle(diff, c, form):
+    """The exact denoiser when every x_0 equals c: eps = (x_t - sqrt(alpha-bar_t) c) / sqrt(1 - alpha-bar_t), on the
+    standard chain (form 1) or on y_t = x_t - x_hat_0 (form 2). Its x_0-hat is c exactly at every step."""
+    def eps(x_t, t, x_hat0):
+        y = x_t - x_hat0 if form == 2 else x_t
+        return (y - extract(diff.sqrt_alphas_cumprod, t, y) * c) / extract(diff.sqrt_one_minus_alphas_cumprod, t, y)
+    return eps
+
+
+@pytest.mark.parametrize("form", [1, 2])
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_clipping_x0_changes_nothing_inside_the_data_range_and_bounds_the_output(diff, form, sampler, eta):
+    N, c = 64, 0.6
+    x_hat0 = torch.linspace(-1, 1, N, dtype=torch.float64).reshape(N, 1)
+    out = {}
+    for clip in (False, True):
+        out[clip] = DV.refine(point_mass_oracle(diff, c, form), diff, x_hat0, form=form, steps=10, sampler=sampler,
+                              eta=eta, generator=torch.Generator().manual_seed(6), clip_x0=clip)
+    # x_0-hat = c is inside [-1, 1] at every step, so clipping is a no-op and both runs land on c
+    assert torch.allclose(out[True], out[False], rtol=0, atol=1e-9)
+    assert torch.allclose(out[True], torch.full_like(x_hat0, c), rtol=0, atol=1e-9)
+    # a denoiser whose eps is far off (as an undertrained one is at large t) gives x_0-hat far outside the range;
+    # with clipping the last step returns a clipped x_0-hat, so the sample stays in [-1, 1]
+    wild = lambda x_t, t, x_hat0: -3 * torch.ones_like(x_t)
+    x = DV.refine(wild, diff, x_hat0, form=form, steps=10, sampler=sampler, eta=eta,
+                  generator=torch.Generator().manual_seed(6), clip_x0=True)
+    assert x.abs().max() <= 1 + 1e-12
+    x = DV.refine(wild, diff, x_hat0, form=form, steps=10, sampler=sampler, eta=eta,
+                  generator=torch.Generator().manual_seed(6), clip_x0=False)
+    assert x.abs().max() > 10  # the same denoiser without clipping leaves the range: the test can fail
 
 
 def test_ddpm_loss_form2_equals_the_standard_loss_on_shifted_variables(diff):
