@@ -1,0 +1,149 @@
+"""The pictures LESSONS.md refers to, written to figures/ (generated files), each in under a minute on a CPU.
+
+    python figures.py                      # all three
+    python figures.py --only schedules     # alpha-bar_t and log SNR_t of the linear and cosine schedules
+    python figures.py --only forward       # Formulation 1 vs 2 on one Fashion-MNIST test image, same noise
+    python figures.py --only steps         # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
+    python figures.py --only steps --ckpt runs/form1/ddpm.pt    # the same for another stage-2 checkpoint
+    python figures.py --only steps --no_clip   # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
+
+Timesteps are code indices t = 0..T-1 (the paper's 1..T), as everywhere in the code. Images are in [-1, 1]
+and shown through data.to_unit_range (clamped to [0, 1]).
+"""
+import argparse
+import os
+import time
+from types import SimpleNamespace
+
+import matplotlib
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+import ddpm
+import diffusevae as DV
+from checkpoint import load
+from data import load_dataset, to_model_range, to_unit_range
+from vae import VAE
+
+matplotlib.use("Agg")  # files only, no display
+OUT = "figures"
+STEP_COUNTS = [1, 2, 5, 10, 25, 100]
+
+
+def show(ax, x, title=None):
+    """One (1, C, H, W) image in [-1, 1] on an axis, no ticks."""
+    img = to_unit_range(x[0]).permute(1, 2, 0).squeeze(-1).cpu().numpy()
+    ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def schedules():
+    """DDPM eq. 4's alpha-bar_t and the signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) ([Luo], learned SNR)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    taus = ddpm.ddim_timesteps(1000, 10)  # where a 10-step DDIM sampler evaluates the denoiser
+    for name in ("linear", "cosine"):
+        ab = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(name, 1000)).alphas_cumprod
+        t = torch.arange(len(ab))
+        log_snr = torch.log(ab / (1 - ab))
+        a1.plot(t, ab, label=f"{name} (alpha-bar_T = {ab[-1]:.2e})")
+        a2.plot(t, log_snr, label=name)
+        a2.plot(taus, log_snr[taus], "o", ms=3, color=a2.lines[-1].get_color())
+    a1.set(xlabel="code index t (paper t + 1)", ylabel="alpha-bar_t", title="alpha-bar_t: the signal kept")
+    a2.set(xlabel="code index t (paper t + 1)", ylabel="log(alpha-bar_t / (1 - alpha-bar_t))",
+           title="log SNR_t (dots: the 10 DDIM steps)")
+    a1.legend(fontsize=8), a2.legend(fontsize=8), a2.axhline(0, color="gray", lw=0.5)
+    save(fig, "schedules.png")
+
+
+def forward():
+    """Formulation 1 (q_sample) and 2 (form2_q_sample) with the same noise, and the y-chain identity between them."""
+    images, _ = load_dataset("fashion_mnist", split="test")
+    x0 = to_model_range(images[:1])                                        # (1, 1, 32, 32)
+    path = "runs/fashion/vae.pt"
+    if os.path.exists(path):
+        ck = load(path, stage="vae")
+        vae = VAE(**ck["model_args"])
+        vae.load_state_dict(ck["ema"])
+        with torch.no_grad():
+            x_hat0 = vae.eval().decode(vae.encode(x0)[0])                   # dec(mu(x_0))
+        source = f"x_hat_0 = dec(mu(x_0)), VAE of {path}"
+    else:
+        x_hat0 = F.avg_pool2d(x0, 3, stride=1, padding=1, count_include_pad=False)
+        source = f"no {path}: x_hat_0 is a 3x3 box blur of x_0 (a stand-in)"
+    diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(1000))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    ts = [0, 100, 250, 500, 750, 999]                                       # code indices (paper t + 1)
+    fig, axes = plt.subplots(3, len(ts) + 1, figsize=(1.5 * (len(ts) + 1), 5.2))
+    show(axes[0, 0], x0, "x_0"), show(axes[1, 0], x_hat0, "x_hat_0"), show(axes[2, 0], x0, "y_0 = x_0")
+    gap = 0.0
+    for j, i in enumerate(ts, start=1):
+        t = torch.tensor([i])
+        x1 = diffusion.q_sample(x0, t, noise)                               # form 1: sqrt(ab) x_0 + sqrt(1-ab) eps
+        x2 = DV.form2_q_sample(diffusion, x0, t, x_hat0, noise)             # form 2: the same + x_hat_0
+        gap = max(gap, (x2 - x_hat0 - x1).abs().max().item())
+        show(axes[0, j], x1, f"t={i}"), show(axes[1, j], x2, f"t={i}"), show(axes[2, j], x2 - x_hat0, f"t={i}")
+    for ax, label in zip(axes[:, 0], ["form 1: x_t", "form 2: x_t", "form 2: x_t - x_hat_0"]):
+        ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{source}; code t (paper t + 1), one fixed noise\nrow 3 = row 1 (max |difference| {gap:.1e}): "
+                 f"form 2 is a DDPM chain on y_t = x_t - x_hat_0, and x_T ~ N(x_hat_0, I)", fontsize=8)
+    save(fig, "forward_form1_vs_form2.png")
+
+
+def steps(ckpt, clip=True):
+    """The same 8 z's: x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps."""
+    if not os.path.exists(ckpt):
+        print(f"skipping samples_vs_steps.png: no {ckpt} (train one: python train.py --stage ddpm)")
+        return
+    from sample import generate, load_models
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net, vae, diffusion, cfg = load_models(ckpt, device)
+    if vae is None:
+        print(f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline (no x_hat_0 to show)")
+        return
+    g = torch.Generator(device=device).manual_seed(0)
+    z = torch.randn(8, vae.z_dim, generator=g, device=device)
+    size, img_ch = net.config["image_size"], net.config["img_ch"]
+    noise = torch.randn(8, img_ch, size, size, generator=g, device=device)  # the same x_T noise for every row
+    rows, labels, start = [], [], time.time()
+    for n in STEP_COUNTS:
+        args = SimpleNamespace(steps=n, sampler="ddim", eta=0.0, var_type="fixedlarge", noise_temperature=1.0,
+                               no_clip=not clip)
+        x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=8, args=args, x_T_noise=noise)
+        rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
+        print(f"{n:4d} steps: mean |x_0 - x_hat_0| = {(x0 - x_hat0).abs().mean().item():.3f}")
+    rows, labels = [x_hat0] + rows, ["VAE x_hat_0"] + labels
+    seconds = time.time() - start
+    fig, axes = plt.subplots(len(rows), 8, figsize=(8, 1.05 * len(rows)))
+    for r, (x, label) in enumerate(zip(rows, labels)):
+        for c in range(8):
+            show(axes[r, c], x[c:c + 1])
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"{ckpt} (form {cfg['form']}): the same z and x_T noise in every row; DDIM eta = 0, "
+                 f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; "
+                 f"{sum(STEP_COUNTS)} denoiser calls in {seconds:.1f} s", fontsize=8)
+    save(fig, "samples_vs_steps.png" if clip else "samples_vs_steps_noclip.png")
+    print(f"samples_vs_steps: {sum(STEP_COUNTS)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}")
+
+
+def save(fig, name):
+    os.makedirs(OUT, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(os.path.join(OUT, name), dpi=120)
+    plt.close(fig)
+    print(f"wrote {os.path.join(OUT, name)}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=["schedules", "forward", "steps"],
+                   default=["schedules", "forward", "steps"])
+    p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="stage-2 checkpoint for --only steps")
+    p.add_argument("--no_clip", action="store_true", help="--only steps without clamping x_0-hat (Exercise 5)")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    make = {"schedules": schedules, "forward": forward, "steps": lambda: steps(a.ckpt, clip=not a.no_clip)}
+    for name in a.only:
+        make[name]()
