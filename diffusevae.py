@@ -22,10 +22,12 @@ x_hat_0, concatenated to x_t as extra input channels (as the paper's code does):
   the code below uses that identity for the samplers and writes the x-space formulas out for reading.
 With x_hat_0 = None the same code is the unconditional DDPM baseline.
 """
+import math
+
 import torch
 
 from ddpm import extract, loss_simple, sample as ddpm_sample
-from vae import elbo, gaussian_log_likelihood, reparameterize
+from vae import elbo, gaussian_log_likelihood, kl_standard_normal, reparameterize
 
 
 # ----------------------------------------------------------------------------- Formulation 2, in x space
@@ -96,6 +98,32 @@ def joint_loss(vae, eps_model, diffusion, x0, form=1):
     l_vae = (kl - rec).mean() / x0[0].numel()
     l_ddpm = ddpm_loss(eps_model, diffusion, x0, x_hat0.detach(), form)[0].mean()
     return l_vae + l_ddpm, l_vae, l_ddpm
+
+
+@torch.no_grad()
+def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False):
+    """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image ([DiffuseVAE]):
+
+        -log p(x_0) <= E_{z ~ q(z|x_0)}[ -log p_phi(x_0 | x_hat_0 = dec(z)) ] + KL(q(z|x_0) || p(z))
+                    <= E_z[ L_DDPM(x_0 | x_hat_0) ]                        + KL(q(z|x_0) || p(z))
+
+    with L_DDPM the full DDPM bound of ddpm.vlb_terms_bpd. In form 2 the bound is that of the y-chain
+    (y_t = x_t - x_hat_0, y_0 = x_0): each KL is between two Gaussians shifted alike, so it is unchanged.
+    With vae=None it is the unconditional DDPM's bound. Returns dict(total, ddpm, kl_z), each (B,) bits/dim."""
+    if vae is None:
+        x_hat0, kl_z = None, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+    else:
+        mu, logvar = vae.encode(x0)
+        x_hat0 = vae.decode(reparameterize(mu, logvar))
+        kl_z = kl_standard_normal(mu, logvar) / (x0[0].numel() * math.log(2.0))
+    if form == 2:
+        if x_hat0 is None:
+            raise ValueError("form 2 needs a VAE: its forward process is shifted by x_hat_0")
+        eps_fn = lambda y, t: eps_model(y + x_hat0, t, x_hat0)  # noqa: E731
+    else:
+        eps_fn = lambda x, t: eps_model(x, t, x_hat0)  # noqa: E731
+    ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0, var_type=var_type, progress=progress)["total"]
+    return dict(total=ddpm_bpd + kl_z, ddpm=ddpm_bpd, kl_z=kl_z)
 
 
 # ----------------------------------------------------------------------------- sampling

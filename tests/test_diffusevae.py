@@ -190,3 +190,46 @@ def test_joint_objective_is_the_sum_and_ddpm_gradients_do_not_reach_the_vae(diff
     assert torch.allclose(total, l_vae + l_ddpm)
     l_ddpm.backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in vae.parameters())
+
+
+class AffineVAE:
+    """A stand-in VAE: q(z|x) = N(A x, e^c I), dec(z) = B z. Enough to check how bound_bpd composes the bound."""
+
+    def __init__(self, D, K, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(K, D, generator=g, dtype=torch.float64) / D ** 0.5
+        self.B = torch.randn(D, K, generator=g, dtype=torch.float64) / K ** 0.5
+
+    def encode(self, x):
+        mu = x.flatten(1) @ self.A.T
+        return mu, torch.full_like(mu, -1.5)
+
+    def decode(self, z):
+        return (z @ self.B.T).reshape(z.shape[0], 1, 2, 2)
+
+
+@pytest.mark.parametrize("form", [1, 2])
+def test_bound_bpd_is_the_ddpm_bound_given_x_hat0_plus_the_latent_kl(diff, form):
+    # the DiffuseVAE bound: -log p(x_0) <= E_z[L_DDPM(x_0 | dec(z))] + KL(q(z|x_0) || p(z)), in bits/dim
+    B, D, K = 6, 4, 3
+    g = torch.Generator().manual_seed(7)
+    x0 = (torch.randint(0, 256, (B, 1, 2, 2), generator=g).double() / 127.5 - 1)  # 8-bit grid in [-1, 1]
+    vae, base = AffineVAE(D, K, seed=8), gaussian_eps_oracle(diff, 0.1, 0.5)
+    # the same network in both forms: it denoises x_t (form 1) or y_t = x_t - x_hat_0 (form 2) and reads x_hat_0
+    # only through that shift, so the two bounds must come out equal, draw for draw
+    eps_model = (lambda x, t, c: base(x, t)) if form == 1 else (lambda x, t, c: base(x - c, t))
+    torch.manual_seed(9)
+    got = DV.bound_bpd(eps_model, diff, x0, vae=vae, form=form)
+    torch.manual_seed(9)
+    mu, logvar = vae.encode(x0)
+    torch.randn_like(mu)  # the z draw, so the reference sees the same x_t draws
+    expected_ddpm = diff.vlb_terms_bpd(base, x0)["total"]
+    expected_kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1) / (D * math.log(2))
+    assert torch.allclose(got["ddpm"], expected_ddpm, rtol=1e-12, atol=0)
+    assert torch.allclose(got["kl_z"], expected_kl, rtol=1e-12, atol=0)
+    assert torch.allclose(got["total"], expected_ddpm + expected_kl, rtol=1e-12, atol=0)
+    # and the unconditional baseline is the DDPM bound alone
+    torch.manual_seed(9)
+    uncond = DV.bound_bpd(lambda x, t, c: base(x, t), diff, x0)
+    torch.manual_seed(9)
+    assert torch.allclose(uncond["total"], diff.vlb_terms_bpd(base, x0)["total"], rtol=1e-12, atol=0)
