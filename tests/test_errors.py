@@ -7,7 +7,7 @@ import torch
 import sample
 import train
 from checkpoint import CheckpointError, load, save_atomic
-from test_pipeline import TINY, make_fashion
+from test_pipeline import TINY, make_fashion, train_both
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +17,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir):
-    out = str(tmp_path_factory.mktemp("run"))
-    train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "2", *TINY])
-    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", out, "--steps", "2", *TINY])
-    return out
+    return train_both(str(tmp_path_factory.mktemp("run")), data_dir, steps=2)
 
 
 def fails_with(fn, argv, *fragments, capsys=None):

@@ -45,13 +45,17 @@ def data_dir(tmp_path_factory):
     return make_fashion(str(tmp_path_factory.mktemp("fashion")))
 
 
+def train_both(out, data_dir, steps):
+    """Stage 1 then stage 2, `steps` steps each, at the TINY size; returns the run folder."""
+    for stage in ("vae", "ddpm"):
+        train.main(["--stage", stage, "--data_dir", data_dir, "--out_dir", out, "--steps", str(steps), *TINY])
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     """Both stages, a few steps each: the run the sampling tests use."""
-    out = str(tmp_path_factory.mktemp("run"))
-    train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "4", *TINY])
-    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", out, "--steps", "4", *TINY])
-    return out
+    return train_both(str(tmp_path_factory.mktemp("run")), data_dir, steps=4)
 
 
 def weights(path):
