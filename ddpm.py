@@ -33,6 +33,7 @@ def cosine_beta_schedule(T=1000, s=0.008, max_beta=0.999):
 
 
 def make_beta_schedule(name, T=1000):
+    """betas of the schedule called `name` ("linear": DDPM sec. 4; "cosine": Nichol & Dhariwal eq. 17)."""
     if name == "linear":
         return linear_beta_schedule(T)
     if name == "cosine":
@@ -271,6 +272,7 @@ def sample(diffusion, eps_fn, x_T, steps=None, sampler="ddim", eta=0.0, var_type
 
 
 def randn_like(x, generator=None):
+    """z ~ N(0, I) shaped like x, from `generator` when given (torch.randn_like takes none)."""
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
@@ -289,6 +291,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def standard_normal_cdf(x):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, for the discretised decoder of DDPM eq. 13."""
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
