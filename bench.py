@@ -28,9 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import diffusevae as DV
-from train import EMA, PRESETS
-from unet import UNet
-from vae import VAE
+from train import EMA, PRESETS, make_unet, make_vae
 
 IMG_CH = {"fashion_mnist": 1, "cifar10": 3}  # image channels of each preset's dataset
 
@@ -105,11 +103,8 @@ def build(kind, preset, device, dropout=None):
     cfg = PRESETS[preset]
     img_ch = IMG_CH[cfg["dataset"]]
     if kind == "vae":
-        return VAE(img_ch=img_ch, image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"]).to(device)
-    return UNet(img_ch=img_ch, cond_ch=img_ch if kind == "unet" else 0, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
-                num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
-                dropout=cfg["dropout"] if dropout is None else dropout, image_size=cfg["image_size"],
-                norm_groups=cfg["norm_groups"]).to(device)
+        return make_vae(cfg, img_ch).to(device)
+    return make_unet(cfg, img_ch, cond_ch=img_ch if kind == "unet" else 0, dropout=dropout).to(device)
 
 
 def n_params(model):
@@ -126,7 +121,7 @@ def bench_train(kind, preset, batch, device, channels_last, iters, peak):
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x0, x_hat0 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, x_hat0))
-    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
+    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["vae_lr" if kind == "vae" else "lr"], betas=(0.9, 0.999),
                             weight_decay=0.0, fused=device.type == "cuda")
 
@@ -162,7 +157,7 @@ def bench_sampling(device, batch, quick, n):
     peak_memory_mib(device, reset=True)
     cfg = PRESETS["cpu"]
     net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
-    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
+    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     x_hat0 = vae.sample(batch, device=device)[0]  # made under no_grad: usable with autograd on below
     # --quick: every step is one denoiser call of the same cost, so 100 and 1000 steps are 10x and 100x 10 steps
     measured = (10,) if quick else (10, 100, 1000)

@@ -41,6 +41,11 @@ def make_beta_schedule(name, T=1000):
     raise ValueError(f"unknown noise schedule {name!r}: choose 'linear' or 'cosine'")
 
 
+def make_diffusion(schedule="linear", T=1000):
+    """The GaussianDiffusion of the named beta schedule: what a checkpoint's config (schedule, T) describes."""
+    return GaussianDiffusion(make_beta_schedule(schedule, T))
+
+
 def extract(a, t, x):
     """a[t] reshaped to broadcast against x: (B,) -> (B, 1, ..., 1), in x's dtype and device."""
     out = a.to(x.device)[t].to(x.dtype)

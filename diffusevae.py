@@ -100,6 +100,18 @@ def joint_loss(vae, eps_model, diffusion, x0, form=1):
     return l_vae + l_ddpm, l_vae, l_ddpm
 
 
+def chain_eps_fn(eps_model, x_hat0, form):
+    """eps_theta as ddpm.py's samplers and bound call it, eps_fn(x, t), on a standard DDPM chain.
+    Form 1 (and the unconditional baseline, x_hat_0 = None): the chain is x_t itself.
+    Form 2: the chain is y_t = x_t - x_hat_0 (a standard DDPM chain with y_0 = x_0), so eps_fn(y, t) =
+    eps_theta(y + x_hat_0, t, x_hat_0)."""
+    if form == 1:
+        return lambda x, t: eps_model(x, t, x_hat0)
+    if form == 2 and x_hat0 is not None:
+        return lambda y, t: eps_model(y + x_hat0, t, x_hat0)
+    raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
+
+
 @torch.no_grad()
 def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False):
     """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image ([DiffuseVAE]):
@@ -116,12 +128,7 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
         mu, logvar = vae.encode(x0)
         x_hat0 = vae.decode(reparameterize(mu, logvar))
         kl_z = kl_standard_normal(mu, logvar) / (x0[0].numel() * math.log(2.0))
-    if form == 2:
-        if x_hat0 is None:
-            raise ValueError("form 2 needs a VAE: its forward process is shifted by x_hat_0")
-        eps_fn = lambda y, t: eps_model(y + x_hat0, t, x_hat0)  # noqa: E731
-    else:
-        eps_fn = lambda x, t: eps_model(x, t, x_hat0)  # noqa: E731
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form)
     ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0, var_type=var_type, progress=progress)["total"]
     return dict(total=ddpm_bpd + kl_z, ddpm=ddpm_bpd, kl_z=kl_z)
 
@@ -143,19 +150,12 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
     With few steps it matters: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error
     by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
     """
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form)
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
     noise = x_T_noise if x_T_noise is not None else torch.randn(
         ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)
-    noise = temperature * noise
-    if form == 1:
-        def eps_fn(x, t):
-            return eps_model(x, t, x_hat0)
-    elif form == 2 and x_hat0 is not None:
-        def eps_fn(y, t):  # x_T = x_hat_0 + noise, so y_T = x_T - x_hat_0 = noise
-            return eps_model(y + x_hat0, t, x_hat0)
-    else:
-        raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
-    return ddpm_sample(diffusion, eps_fn, noise, steps, sampler, eta, var_type, clip_x0=clip_x0,
+    # the chain starts from noise: x_T in form 1, and y_T = x_T - x_hat_0 with x_T ~ N(x_hat_0, I) in form 2
+    return ddpm_sample(diffusion, eps_fn, temperature * noise, steps, sampler, eta, var_type, clip_x0=clip_x0,
                        generator=generator, progress=progress)
 
 

@@ -45,7 +45,7 @@ def schedules():
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     taus = ddpm.ddim_timesteps(1000, 10)  # where a 10-step DDIM sampler evaluates the denoiser
     for name in ("linear", "cosine"):
-        ab = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(name, 1000)).alphas_cumprod
+        ab = ddpm.make_diffusion(name, 1000).alphas_cumprod
         t = torch.arange(len(ab))
         log_snr = torch.log(ab / (1 - ab))
         a1.plot(t, ab, label=f"{name} (alpha-bar_T = {ab[-1]:.2e})")

@@ -70,7 +70,7 @@ def load_models(path, device):
             vae.to(device).eval()
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e)[:200]}); the file is damaged")
-    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
+    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     return net.to(device).eval(), vae, diffusion, cfg
 
 

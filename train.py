@@ -119,10 +119,23 @@ def step_seed(seed, rank, step):
 
 # ----------------------------------------------------------------------------- models
 
+def make_vae(cfg, img_ch):
+    """The preset's VAE (random weights)."""
+    return VAE(img_ch=img_ch, image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"])
+
+
+def make_unet(cfg, img_ch, cond_ch, dropout=None):
+    """The preset's UNet (random weights); cond_ch = img_ch for DiffuseVAE, 0 for the unconditional DDPM."""
+    return UNet(img_ch=img_ch, cond_ch=cond_ch, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
+                num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
+                dropout=cfg["dropout"] if dropout is None else dropout, image_size=cfg["image_size"],
+                norm_groups=cfg["norm_groups"])
+
+
 def build(args, cfg, img_ch, device):
     """The model this stage trains, plus (ddpm stage) the frozen VAE and the diffusion process."""
     if args.stage == "vae":
-        return VAE(img_ch=img_ch, image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"]).to(device), None, None
+        return make_vae(cfg, img_ch).to(device), None, None
     vae = None
     if args.cond == "vae":
         hint = "Train the VAE first: python train.py --stage vae (or pass --vae_ckpt PATH)."
@@ -133,10 +146,8 @@ def build(args, cfg, img_ch, device):
         if vae.config["img_ch"] != img_ch or vae.config["image_size"] != cfg["image_size"]:
             raise CheckpointError(f"the VAE in {args.vae_ckpt} makes {vae.config['img_ch']}x{vae.config['image_size']}"
                                   f" images, but dataset {cfg['dataset']} has {img_ch}x{cfg['image_size']}")
-    net = UNet(img_ch=img_ch, cond_ch=img_ch if vae is not None else 0, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
-               num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
-               dropout=cfg["dropout"], image_size=cfg["image_size"], norm_groups=cfg["norm_groups"]).to(device)
-    diffusion = ddpm.GaussianDiffusion(ddpm.make_beta_schedule(cfg["schedule"], cfg["T"])).to(device)
+    net = make_unet(cfg, img_ch, cond_ch=img_ch if vae is not None else 0).to(device)
+    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     return net, vae, diffusion
 
 
