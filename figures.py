@@ -13,7 +13,6 @@ and shown through data.to_unit_range (clamped to [0, 1]).
 import argparse
 import os
 import time
-from types import SimpleNamespace
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -97,7 +96,7 @@ def steps(ckpt, clip=True):
     if not os.path.exists(ckpt):
         print(f"skipping samples_vs_steps.png: no {ckpt} (train one: python train.py --stage ddpm)")
         return
-    from sample import generate, load_models
+    from sample import generate, load_models, parse_args as sample_options
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, vae, diffusion, cfg = load_models(ckpt, device)
     if vae is None:
@@ -109,8 +108,7 @@ def steps(ckpt, clip=True):
     noise = torch.randn(8, img_ch, size, size, generator=g, device=device)  # the same x_T noise for every row
     rows, labels, start = [], [], time.time()
     for n in STEP_COUNTS:
-        args = SimpleNamespace(steps=n, sampler="ddim", eta=0.0, var_type="fixedlarge", noise_temperature=1.0,
-                               no_clip=not clip)
+        args = sample_options(["--steps", str(n)] + ([] if clip else ["--no_clip"]))  # DDIM, eta 0
         x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=8, args=args, x_T_noise=noise)
         rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
         print(f"{n:4d} steps: mean |x_0 - x_hat_0| = {(x0 - x_hat0).abs().mean().item():.3f}")

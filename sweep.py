@@ -17,7 +17,7 @@ import time
 import torch
 
 import evaluate as E
-from sample import generate, load_models
+from sample import generate, load_models, parse_args as sample_options
 
 
 def parse_args(argv=None):
@@ -44,8 +44,7 @@ def parse_args(argv=None):
 @torch.no_grad()
 def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler):
     """n samples with fixed seeds per batch, so every model sees the same z and the same x_T noise."""
-    opts = argparse.Namespace(steps=steps, sampler=sampler, eta=0.0, noise_temperature=1.0, var_type="fixedlarge",
-                              no_clip=False)
+    opts = sample_options(["--steps", str(steps), "--sampler", sampler])  # sample.py's defaults otherwise
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
