@@ -1,4 +1,4 @@
-"""Sample from a trained DiffuseVAE: z ~ N(0, I) -> decoder -> x_hat_0 -> DDPM refinement in --steps steps.
+"""Sample from a trained DiffuseVAE: z ~ p(z) -> decoder -> x_hat_0 -> DDPM refinement in --steps steps.
 
     python sample.py --steps 10                          # VAE samples beside their refinements (DDIM)
     python sample.py --steps 1000 --sampler ddpm         # ancestral sampling, DDPM Algorithm 2
@@ -7,7 +7,8 @@
     python sample.py --mode arith --attr 5 --base 9      # z + (mean z of class 5 - mean z of class 9)
 
 Everything needed comes from the stage-2 checkpoint (model args, EMA weights, the VAE it was trained with):
-no model flags. Writes a PNG grid and an .npz of the samples in [0, 1] ("vae": x_hat_0, "x0": refined).
+no model flags. z comes from the ex-post prior stage 1 fitted (a Gaussian mixture over the codes of the training
+images, vae.py), or from N(0, I) with --prior normal. Writes a PNG grid and an .npz of the samples in [0, 1] ("vae": x_hat_0, "x0": refined).
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import diffusevae as DV
 from checkpoint import CheckpointError, load
 from data import DataError, load_dataset, save_grid, to_model_range, to_unit_range
 from unet import UNet
-from vae import VAE
+from vae import VAE, sample_prior
 
 
 def parse_args(argv=None):
@@ -37,7 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=16, help="how many samples (rows of 8 in the grid for --mode sample)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0, help="scale of z ~ N(0, t^2 I)")
+    p.add_argument("--prior", default="expost", choices=["expost", "normal"],
+                   help="z from the ex-post Gaussian mixture stage 1 fitted (vae.py; the default when the checkpoint "
+                        "has one), or from N(0, I)")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of z's spread (N(0, t^2 I), or each "
+                                                                  "mixture component's)")
     p.add_argument("--noise_temperature", type=float, default=1.0, help="scale of the DDPM's x_T noise")
     p.add_argument("--attr", type=int, default=None, help="--mode arith: class whose mean z is added")
     p.add_argument("--base", type=int, default=None, help="--mode arith: class whose mean z is subtracted")
@@ -67,6 +72,7 @@ def load_models(path, device):
         if "vae" in ck:
             vae = VAE(**ck["vae"]["model_args"])
             vae.load_state_dict(ck["vae"]["ema"])
+            vae.prior = ck["vae"].get("prior")  # checkpoints from before the ex-post prior have none
             vae.to(device).eval()
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e)[:200]}); the file is damaged")
@@ -126,11 +132,15 @@ def run_mode(args, net, vae, diffusion, cfg, device):
     g = torch.Generator(device=device).manual_seed(args.seed)
     size, img_ch = net.config["image_size"], net.config["img_ch"]
     z_dim = vae.z_dim if vae is not None else 0
+    prior = vae.prior if vae is not None and args.prior == "expost" else None
+
+    def draw_z(n):
+        return sample_prior(n, z_dim, prior, args.temperature, g, device)
     if args.mode == "sample":
         vae_out, refined = [], []
         for start in range(0, args.n, args.batch_size):
             b = min(args.batch_size, args.n - start)
-            z = args.temperature * torch.randn(b, z_dim, generator=g, device=device) if vae is not None else None
+            z = draw_z(b) if vae is not None else None
             x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=b, args=args, generator=g)
             refined.append(x0)
             vae_out.append(x_hat0 if x_hat0 is not None else x0)
@@ -148,7 +158,7 @@ def run_mode(args, net, vae, diffusion, cfg, device):
         _, x0 = generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=len(x), args=args, generator=g)
         return [x, x_hat0, x0], {"data": x, "vae": x_hat0, "x0": x0}
     if args.mode == "interp":
-        z0, z1 = (torch.randn(1, z_dim, generator=g, device=device) * args.temperature for _ in range(2))
+        z0, z1 = draw_z(1), draw_z(1)
         w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
         z = (1 - w) * z0 + w * z1
         noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
@@ -156,7 +166,7 @@ def run_mode(args, net, vae, diffusion, cfg, device):
         return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
     # arith: z + s (mean z of class attr - mean z of class base), s = 0 .. 1.5, with the DDPM noise held fixed
     direction = class_mean_z(vae, cfg, args, device, args.attr) - class_mean_z(vae, cfg, args, device, args.base)
-    base = torch.randn(1, z_dim, generator=g, device=device) * args.temperature
+    base = draw_z(1)
     s = torch.linspace(0, 1.5, args.n, device=device).unsqueeze(1)
     noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
     x_hat0, x0 = generate(net, vae, diffusion, cfg, z=base + s * direction, n=args.n, args=args, generator=g,

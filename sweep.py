@@ -5,7 +5,8 @@
 
 For each model, sampler and step count it draws N samples (the same z and seeds for every model), scores them
 against the Fashion-MNIST test set, and adds a row to OUT/results.json (kept between runs: finished cells are
-not recomputed). The VAE alone (x_hat_0 of the first model with a VAE) and real training images (the floor) are
+not recomputed). z comes from the VAE's ex-post prior (--prior normal: N(0, I)). The VAE alone (x_hat_0 of the first
+model with a VAE, and its decodings of z ~ N(0, I) for comparison) and real training images (the floor) are
 scored once. Then it writes OUT/table.md and OUT/fid_vs_steps.png. These FIDs are NOT comparable to published
 Inception FIDs (see evaluate.py).
 """
@@ -18,6 +19,7 @@ import torch
 
 import evaluate as E
 from sample import generate, load_models, parse_args as sample_options
+from vae import sample_prior
 
 
 def parse_args(argv=None):
@@ -25,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", required=True, help="NAME=PATH of stage-2 checkpoints")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 25, 100, 1000])
     p.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"], choices=["ddim", "ddpm"])
+    p.add_argument("--prior", default="expost", choices=["expost", "normal"], help="where z comes from (sample.py)")
     p.add_argument("--n", type=int, default=1000, help="samples per cell")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--classifier", default="runs/classifier.pt")
@@ -42,14 +45,15 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler):
+def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost"):
     """n samples with fixed seeds per batch, so every model sees the same z and the same x_T noise."""
     opts = sample_options(["--steps", str(steps), "--sampler", sampler])  # sample.py's defaults otherwise
+    p_z = vae.prior if vae is not None and prior == "expost" else None
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(1000 + i)
-        z = torch.randn(b, vae.z_dim, generator=g) if vae is not None else None
+        z = sample_prior(b, vae.z_dim, p_z, generator=g) if vae is not None else None
         x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=b, args=opts, generator=g)
         outs.append(x0)
         vae_outs.append(x_hat0)
@@ -90,14 +94,24 @@ def main(argv=None):
                 if (name, sampler, steps, args.n) in done:
                     continue
                 t0 = time.time()
-                x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler)
+                x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior)
                 record(dict(model=name, sampler=sampler, steps=steps, n=args.n, seconds=round(time.time() - t0, 1),
                             **score(classifier, x0, ref)))
                 if vae is not None and ("vae", "-", 0, args.n) not in done:
                     record(dict(model="vae", sampler="-", steps=0, n=args.n, seconds=0.0,
                                 **score(classifier, x_hat0, ref)))
                     done.add(("vae", "-", 0, args.n))
+                if vae is not None and vae.prior is not None and ("vae_normal", "-", 0, args.n) not in done:
+                    x_hat0 = torch.cat([vae.decode(z) for z in torch.randn(args.n, vae.z_dim,  # the prior it replaces
+                                        generator=torch.Generator().manual_seed(1000)).split(args.batch_size)])
+                    record(dict(model="vae_normal", sampler="-", steps=0, n=args.n, seconds=0.0,
+                                **score(classifier, x_hat0, ref)))
+                    done.add(("vae_normal", "-", 0, args.n))
     write_table_and_plot(results, args, acc)
+
+
+FIXED_ROWS = {"vae": ("VAE alone", "--"), "vae_normal": ("VAE alone, z ~ N(0, I)", "-."),
+              "data": ("data alone (floor)", ":")}
 
 
 def write_table_and_plot(results, args, acc):
@@ -105,7 +119,7 @@ def write_table_and_plot(results, args, acc):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in results if r["n"] == args.n]
-    fixed = {r["model"]: r for r in rows if r["model"] in ("vae", "data")}
+    fixed = {r["model"]: r for r in rows if r["model"] in FIXED_ROWS}
     lines = [f"FID / KID in the feature space of our own Fashion-MNIST classifier (test accuracy {acc:.2%}), "
              f"{args.n} samples vs the 10,000 test images. NOT comparable to published Inception FIDs.", "",
              "| model | sampler | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
@@ -119,10 +133,10 @@ def write_table_and_plot(results, args, acc):
             pts = sorted((s, cells[s]["fid"]) for s in args.steps if s in cells)
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{name} {sampler}")
-    for name, style in (("vae", "--"), ("data", ":")):
+    for name, (label, style) in FIXED_ROWS.items():
         if name in fixed:
-            lines.append(f"| {name} alone | - | " + " | ".join(f"{fixed[name]['fid']:.1f}" for _ in args.steps) + " |")
-            ax.axhline(fixed[name]["fid"], linestyle=style, color="gray", label=f"{name} (no steps)")
+            lines.append(f"| {label} | - | " + " | ".join(f"{fixed[name]['fid']:.1f}" for _ in args.steps) + " |")
+            ax.axhline(fixed[name]["fid"], linestyle=style, color="gray", label=label)
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("sampling steps"), ax.set_ylabel("FID (own features)")
     ax.legend(fontsize=7), ax.set_title(f"FID vs steps, N = {args.n}")
     fig.tight_layout()

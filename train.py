@@ -25,22 +25,22 @@ import diffusevae as DV
 from checkpoint import CheckpointError, load, save_atomic
 from data import DataError, load_dataset, save_grid, to_model_range
 from unet import UNet
-from vae import VAE
+from vae import VAE, fit_expost_prior
 
 # ----------------------------------------------------------------------------- presets
 # "cpu" (default) is sized so both stages plus sampling finish in about 15 minutes on a 2-core CPU.
 # "cifar10" / "celeba64" carry the DiffuseVAE paper's settings (its official configs) for GPUs.
 PRESETS = {
     "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
-                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32,
+                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10,
                 ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
                 schedule="linear", T=1000, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
-                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128,
+                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10,
                     ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
                     schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
-                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256,
+                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10,
                      ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
                      schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
 }
@@ -143,6 +143,7 @@ def build(args, cfg, img_ch, device):
         vae = VAE(**vck["model_args"])
         vae.load_state_dict(vck["ema"])
         vae.to(device).eval().requires_grad_(False)
+        vae.prior = vck.get("prior")  # the ex-post mixture fitted at the end of stage 1 (vae.py), if any
         if vae.config["img_ch"] != img_ch or vae.config["image_size"] != cfg["image_size"]:
             raise CheckpointError(f"the VAE in {args.vae_ckpt} makes {vae.config['img_ch']}x{vae.config['image_size']}"
                                   f" images, but dataset {cfg['dataset']} has {img_ch}x{cfg['image_size']}")
@@ -222,6 +223,10 @@ def main(argv=None):
         ema.load_state_dict(model, ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         step, history = ck["step"], [tuple(h) for h in ck["history"]]
+        if vae is not None and "vae" in ck and any(not torch.equal(v.cpu(), ck["vae"]["ema"][k])
+                                                   for k, v in vae.state_dict().items()):
+            raise SystemExit(f"error: the VAE in {args.vae_ckpt} is not the one {args.ckpt} was trained with; "
+                             f"pass the original with --vae_ckpt, or start a new run with another --out_dir")
     elif master and os.path.exists(args.ckpt):
         raise SystemExit(f"error: {args.ckpt} exists. Pass --resume to continue it, or --out_dir/--ckpt for a new "
                          f"run (train.py never overwrites a trained model).")
@@ -245,9 +250,13 @@ def main(argv=None):
                   seed=args.seed, dataset=cfg["dataset"], world=world), model=raw_model.state_dict(),
                   ema=ema.state_dict(raw_model), optimizer=opt.state_dict(), step=step, history=history)
         if vae is not None:
-            ck["vae"] = dict(model_args=vae.config, ema={k: v.cpu() for k, v in vae.state_dict().items()})
+            ck["vae"] = dict(model_args=vae.config, ema={k: v.cpu() for k, v in vae.state_dict().items()},
+                             prior=vae.prior)
+        if args.stage == "vae" and prior is not None:
+            ck["prior"] = prior
         save_atomic(ck, args.ckpt)
 
+    prior = None  # stage 1 fits it once training is done (a resumed run refits it for its new weights)
     stop = {"signal": None}
 
     def on_signal(signum, frame):
@@ -316,6 +325,10 @@ def main(argv=None):
                 bar.write(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved to {args.ckpt}")
             break
     bar.close()
+    if master and step >= cfg["steps"] and not stop["signal"]:  # also refreshes a finished run given --resume
+        if args.stage == "vae":
+            prior = fit_prior(cfg, raw_model, ema, images)
+        checkpoint()
     if world > 1:  # DDP keeps the replicas in lock-step; check it once, exactly, against rank 0
         flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
         ref = flat.clone()
@@ -328,6 +341,19 @@ def main(argv=None):
         dist.destroy_process_group()
     if stop["signal"]:
         sys.exit(128 + stop["signal"])
+
+
+def fit_prior(cfg, model, ema, images):
+    """Stage 1's last act: the ex-post prior, a Gaussian mixture fitted to z ~ q(z|x) of the EMA encoder over the
+    training images (vae.py). Sampling draws z from it instead of N(0, I); the DDPM stage is unaffected."""
+    import copy
+    t0 = time.time()
+    ema_model = copy.deepcopy(model)
+    ema_model.load_state_dict(ema.state_dict(model))
+    prior, log_lik = fit_expost_prior(ema_model.eval(), images, k=cfg["prior_k"], generator=torch.Generator().manual_seed(0))
+    print(f"ex-post prior: {cfg['prior_k']}-component Gaussian mixture fitted to {len(images)} codes z ~ q(z|x), "
+          f"log-likelihood {log_lik:.3f} nats per latent dimension ({time.time() - t0:.0f} s)", flush=True)
+    return prior
 
 
 @torch.no_grad()

@@ -84,6 +84,7 @@ class VAE(nn.Module):
                                  nn.Conv2d(ch, img_ch, 3, 1, 1))
         self.obs_logvar = nn.Parameter(torch.tensor(math.log(0.1)))  # log sigma_x^2 of p(x|z)
         self.s, self.ch, self.z_dim = s, ch, z_dim
+        self.prior = None  # the ex-post mixture for sampling (fit_expost_prior, below); None means N(0, I)
 
     def encode(self, x):
         """(B, C, S, S) -> mu, logvar, each (B, z_dim): the parameters of q(z|x)."""
@@ -109,6 +110,85 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, generator=None, temperature=1.0, device="cpu"):
-        """z ~ N(0, temperature^2 I) -> x_hat_0 = dec(z). Returns (x_hat_0, z)."""
-        z = temperature * torch.randn(n, self.z_dim, generator=generator, device=device)
+        """z from the ex-post prior if one was fitted, else N(0, I) -> x_hat_0 = dec(z). Returns (x_hat_0, z)."""
+        z = sample_prior(n, self.z_dim, self.prior, temperature, generator, device)
         return self.decode(z), z
+
+
+# ----------------------------------------------------------------------------- the ex-post prior
+# The ELBO pulls each q(z|x) towards N(0, I), but their average, the aggregate posterior q(z) = E_x q(z|x), need
+# not fill N(0, I): z drawn from the prior can land in a "hole" that no training image encodes to, and decodes to
+# an odd image. Since the decoder was trained on z ~ q(z), sampling from q(z) instead is the fix (ex-post density
+# estimation, Ghosh et al. 2020; DiffuseVAE's official code fits a 10-component mixture). For fixed encoder and
+# decoder q(z) is also the prior that maximises the average ELBO. We fit a full-covariance Gaussian mixture to
+# one draw z ~ q(z|x) per training image by maximum likelihood (EM), in float64.
+
+def gmm_log_prob(z, prior):
+    """log sum_k w_k N(z; m_k, S_k) per row of z (N, d) -> (N,); `prior` = dict(weights, means, covs)."""
+    return torch.logsumexp(_component_log_probs(z.double(), prior), dim=1)
+
+
+def _component_log_probs(z, prior):
+    """log w_k + log N(z_n; m_k, S_k), (N, k), through the Cholesky factor S_k = L_k L_k^T."""
+    L = torch.linalg.cholesky(prior["covs"])                                       # (k, d, d)
+    diff = (z[:, None, :] - prior["means"][None]).permute(1, 2, 0)                # (k, d, N)
+    mahalanobis = torch.linalg.solve_triangular(L, diff, upper=False).pow(2).sum(1).T  # (N, k)
+    log_det = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)               # (k,)
+    return prior["weights"].log() - 0.5 * (z.shape[1] * LOG_2PI + log_det + mahalanobis)
+
+
+def fit_gmm(z, k=10, iters=300, tol=1e-8, reg=1e-6, generator=None):
+    """Maximum-likelihood k-component Gaussian mixture for the rows of z (N, d) by EM (Dempster et al. 1977).
+    E step: responsibilities r_nk = p(component k | z_n). M step: w_k, m_k, S_k = the r-weighted fraction, mean
+    and covariance (+ reg I, so S_k stays invertible). Each EM step never lowers the mean log-likelihood.
+    Starts from k distinct data points as means. Returns (prior dict of float64 tensors, [mean log-lik per step])."""
+    z = z.detach().double().cpu()
+    n, d = z.shape
+    if n < k:
+        raise ValueError(f"fit_gmm needs at least k = {k} points, got {n}")
+    eye = torch.eye(d, dtype=z.dtype)
+    prior = dict(weights=torch.full((k,), 1.0 / k, dtype=z.dtype),
+                 means=z[torch.randperm(n, generator=generator)[:k]].clone(),
+                 covs=(torch.cov(z.T).reshape(d, d) + reg * eye).expand(k, d, d).clone())
+    history = []
+    for _ in range(iters):
+        log_p = _component_log_probs(z, prior)                                    # (N, k)
+        log_lik = torch.logsumexp(log_p, dim=1, keepdim=True)
+        history.append(log_lik.mean().item())
+        r = (log_p - log_lik).exp()                                               # E step, (N, k)
+        nk = r.sum(0) + 1e-12
+        means = (r.T @ z) / nk[:, None]                                           # M step
+        diff = z[None] - means[:, None]                                           # (k, N, d)
+        covs = torch.einsum("kn,kni,knj->kij", r.T, diff, diff) / nk[:, None, None] + reg * eye
+        prior = dict(weights=nk / n, means=means, covs=covs)
+        if len(history) > 1 and history[-1] - history[-2] < tol:
+            break
+    history.append(gmm_log_prob(z, prior).mean().item())
+    return prior, history
+
+
+def sample_prior(n, z_dim, prior=None, temperature=1.0, generator=None, device="cpu"):
+    """z for the decoder: N(0, temperature^2 I), or with an ex-post `prior` a draw from the mixture with each
+    component's spread scaled by temperature: z = m_k + temperature L_k eps, k ~ Categorical(w)."""
+    eps = torch.randn(n, z_dim, generator=generator, device=device)
+    if prior is None:
+        return temperature * eps
+    k = torch.multinomial(prior["weights"].float().to(device), n, replacement=True, generator=generator)
+    L = torch.linalg.cholesky(prior["covs"]).to(device=device, dtype=eps.dtype)
+    means = prior["means"].to(device=device, dtype=eps.dtype)
+    return means[k] + temperature * torch.einsum("nij,nj->ni", L[k], eps)
+
+
+@torch.no_grad()
+def fit_expost_prior(vae, images, k=10, batch_size=500, generator=None):
+    """Encode uint8 images (N, C, S, S), draw one z ~ q(z|x) each, fit the k-component mixture to them.
+    Returns (prior, mean log-likelihood of the codes under it per latent dimension)."""
+    from data import to_model_range
+    device = next(vae.parameters()).device
+    zs = []
+    for i in range(0, len(images), batch_size):
+        mu, logvar = vae.encode(to_model_range(images[i:i + batch_size]).to(device))
+        eps = torch.randn(mu.shape, generator=generator).to(device)
+        zs.append(reparameterize(mu, logvar, eps).cpu())
+    prior, history = fit_gmm(torch.cat(zs), k=k, generator=generator)
+    return prior, history[-1] / vae.z_dim

@@ -15,6 +15,8 @@ import torch
 import sample
 import train
 from checkpoint import load
+from data import to_unit_range
+from vae import sample_prior
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch_size", "8", "--log_every", "2", "--sample_every", "1000", "--ckpt_every", "1000"]
@@ -73,6 +75,9 @@ def test_two_stages_write_checkpoints_pictures_and_sample_in_10_steps(trained):
     vae_ck, ddpm_ck = load(os.path.join(trained, "vae.pt")), load(os.path.join(trained, "ddpm.pt"))
     assert vae_ck["stage"] == "vae" and ddpm_ck["stage"] == "ddpm" and ddpm_ck["step"] == 4
     assert ddpm_ck["model_args"]["cond_ch"] == 1 and "vae" in ddpm_ck
+    prior = vae_ck["prior"]  # stage 1 ends by fitting the ex-post prior; stage 2 carries it along
+    assert prior["means"].shape == (prior["weights"].numel(), vae_ck["model_args"]["z_dim"])
+    assert all(torch.equal(prior[k], ddpm_ck["vae"]["prior"][k]) for k in prior)
     for name in ("vae_samples.png", "vae_loss.png", "ddpm_samples.png", "ddpm_loss.png"):
         assert os.path.getsize(os.path.join(trained, name)) > 0
     out = os.path.join(trained, "s10")
@@ -91,6 +96,18 @@ def test_sampling_is_deterministic_with_a_seed(trained):
                      "--out", os.path.join(trained, name)])
         outs.append(np.load(os.path.join(trained, name + ".npz"))["x0"])
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+
+
+def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained):
+    ck = os.path.join(trained, "ddpm.pt")
+    _, vae, _, _ = sample.load_models(ck, torch.device("cpu"))
+    for prior, p_z in (("expost", vae.prior), ("normal", None)):
+        out = os.path.join(trained, "prior_" + prior)
+        sample.main(["--ckpt", ck, "--steps", "2", "--n", "4", "--prior", prior, "--out", out])
+        z = sample_prior(4, vae.z_dim, p_z, generator=torch.Generator().manual_seed(0))  # sample.py's first draw
+        with torch.no_grad():
+            expected = to_unit_range(vae.decode(z)).numpy()
+        assert np.allclose(np.load(out + ".npz")["vae"], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode,extra", [("recon", []), ("interp", []), ("arith", ["--attr", "7", "--base", "1"])])

@@ -123,3 +123,60 @@ def test_vae_network_shapes_and_a_few_steps_lower_the_loss():
 def test_vae_rejects_image_sizes_it_cannot_downsample():
     with pytest.raises(ValueError, match="divisible by 8"):
         V.VAE(image_size=30)
+
+
+# ----------------------------------------------------------------------------- the ex-post prior (a Gaussian mixture)
+
+def known_mixture():
+    """Three well-separated 2-D Gaussians with unequal weights and full covariances, float64."""
+    return dict(weights=torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64),
+                means=torch.tensor([[0.0, 0.0], [6.0, 1.0], [-3.0, 7.0]], dtype=torch.float64),
+                covs=torch.tensor([[[1.0, 0.6], [0.6, 2.0]], [[0.5, -0.2], [-0.2, 0.3]], [[2.0, 0.0], [0.0, 0.4]]],
+                                  dtype=torch.float64))
+
+
+def test_mixture_log_density_is_log_sum_of_weighted_gaussian_densities():
+    p = known_mixture()
+    z = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    comps = [torch.distributions.MultivariateNormal(m, c).log_prob(z) + w.log()
+             for w, m, c in zip(p["weights"], p["means"], p["covs"])]
+    assert torch.allclose(V.gmm_log_prob(z, p), torch.logsumexp(torch.stack(comps), 0), rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_codes_have_the_mixture_mean_and_covariance():
+    p, n = known_mixture(), 200_000
+    z = V.sample_prior(n, 2, p, generator=torch.Generator().manual_seed(1)).double()
+    w, m, S = p["weights"], p["means"], p["covs"]
+    mean = (w[:, None] * m).sum(0)                                             # E z = sum_k w_k m_k
+    cov = (w[:, None, None] * (S + m[:, :, None] * m[:, None, :])).sum(0) - torch.outer(mean, mean)
+    d = z - mean
+    prods = d[:, :, None] * d[:, None, :]                                      # (n, 2, 2): E = cov
+    assert ((z.mean(0) - mean).abs() <= 4 * z.std(0) / math.sqrt(n)).all()
+    assert ((prods.mean(0) - cov).abs() <= 4 * prods.std(0) / math.sqrt(n)).all()
+
+
+def test_em_recovers_a_known_mixture_within_standard_errors():
+    p, n = known_mixture(), 30_000
+    z = V.sample_prior(n, 2, p, generator=torch.Generator().manual_seed(2)).double()
+    fit, _ = V.fit_gmm(z, k=3, generator=torch.Generator().manual_seed(3))
+    order = torch.cdist(p["means"], fit["means"]).argmin(1)                   # match components by their means
+    assert sorted(order.tolist()) == [0, 1, 2]
+    w = p["weights"]
+    assert ((fit["weights"][order] - w).abs() <= 4 * (w * (1 - w) / n).sqrt()).all()
+    mean_se = (torch.diagonal(p["covs"], dim1=1, dim2=2) / (n * w[:, None])).sqrt()
+    assert ((fit["means"][order] - p["means"]).abs() <= 4 * mean_se).all()
+    # a covariance entry of a Gaussian has variance (S_ij^2 + S_ii S_jj) / n_k
+    S = p["covs"]
+    diag = torch.diagonal(S, dim1=1, dim2=2)
+    cov_se = ((S ** 2 + diag[:, :, None] * diag[:, None, :]) / (n * w[:, None, None])).sqrt()
+    assert ((fit["covs"][order] - S).abs() <= 4 * cov_se).all()
+
+
+def test_em_never_lowers_the_log_likelihood():
+    p = known_mixture()
+    z = V.sample_prior(3000, 2, p, generator=torch.Generator().manual_seed(4)).double()
+    _, history = V.fit_gmm(z, k=5, iters=60, tol=-1.0, generator=torch.Generator().manual_seed(5))
+    steps = torch.tensor(history).diff()
+    assert len(history) == 61 and (steps >= -1e-12).all() and history[-1] > history[0] + 0.1
+    assert abs(history[-1] - V.gmm_log_prob(z, V.fit_gmm(z, k=5, iters=60, tol=-1.0,
+               generator=torch.Generator().manual_seed(5))[0]).mean().item()) < 1e-12
