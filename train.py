@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="global batch size (split across ranks)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--subset", type=int, default=None, help="train on the first N images only (smoke tests)")
+    p.add_argument("--prior_k", type=int, default=None,
+                   help="components of the ex-post prior fitted after stage 1 (default: the preset's); "
+                        "refit a finished VAE with --stage vae --resume --prior_k K")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --ckpt exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
@@ -78,11 +81,11 @@ def parse_args(argv=None):
         p.error(f"unknown --cond {args.cond!r}: choose 'vae' or 'none'")
     if args.cond == "none" and args.form == 2:
         args.form = 1  # the unconditional baseline has no x_hat_0 to shift by
-    for name in ("steps", "batch_size", "log_every"):
+    for name in ("steps", "batch_size", "log_every", "prior_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     cfg = dict(PRESETS[args.preset])
-    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every"):
+    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.stage == "vae" and args.lr is not None:
