@@ -194,11 +194,11 @@ class GaussianDiffusion(nn.Module):
 
     # --- samplers ------------------------------------------------------------------------------------
 
-    def respace(self, steps):
+    def respace(self, steps, spacing="uniform"):
         """The same process seen only at `steps` of the T timesteps (improved-diffusion's respacing):
         betas'_i = 1 - alpha-bar_{tau_i} / alpha-bar_{tau_{i-1}}, so alpha-bar' on the subsequence equals the
         original alpha-bar there. Ancestral sampling of the result is DDPM sampling with fewer steps."""
-        taus = ddim_timesteps(self.T, steps)
+        taus = ddim_timesteps(self.T, steps, spacing)
         ab = self.alphas_cumprod.cpu()[taus]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         return GaussianDiffusion(1 - ab / ab_prev, timestep_map=self.timestep_map.cpu()[taus]).to(self.betas.device)
@@ -252,23 +252,37 @@ class GaussianDiffusion(nn.Module):
         return x
 
 
-def ddim_timesteps(T, steps):
-    """`steps` code indices spread evenly over 0..T-1, always including 0 and T-1 (so x_T ~ N(0, I) is where
-    the sampler starts and the last step reaches x_0)."""
+SPACINGS = ("uniform", "quadratic")
+
+
+def ddim_timesteps(T, steps, spacing="uniform"):
+    """`steps` code indices tau_1 < ... < tau_S in 0..T-1, always including 0 and T-1 (so x_T ~ N(0, I) is where
+    the sampler starts and the last step reaches x_0). DDIM Appendix D.2 names two choices:
+      uniform:   tau_i evenly spaced, tau_i ~ (T - 1) i / (S - 1);
+      quadratic: tau_i ~ (T - 1) (i / (S - 1))^2, dense at small t: the last jump to x_0 starts from little noise
+                 (10 steps: from t = 12 instead of t = 111), the first ones are long.
+    Rounding can make neighbouring quadratic indices collide when S is large; each is then moved up to one past
+    its predecessor, which keeps tau_S = T - 1 and gives 0..T-1 when S = T."""
     if not 1 <= steps <= T:
         raise ValueError(f"--steps must be between 1 and T = {T}, got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}: choose one of {SPACINGS}")
     if steps == 1:
         return torch.tensor([T - 1])
-    taus = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
-    assert len(torch.unique(taus)) == steps
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    taus = ((T - 1) * (u if spacing == "uniform" else u ** 2)).round().long()
+    for i in range(1, steps):
+        taus[i] = max(taus[i], taus[i - 1] + 1)
+    assert taus[-1] == T - 1 and len(torch.unique(taus)) == steps
     return taus
 
 
 def sample(diffusion, eps_fn, x_T, steps=None, sampler="ddim", eta=0.0, var_type="fixedlarge",
-           clip_x0=False, generator=None, progress=False):
-    """Draw x_0 from x_T with `steps` denoiser calls: sampler 'ddim' (eta) or 'ddpm' (ancestral, var_type)."""
+           clip_x0=False, generator=None, progress=False, spacing="uniform"):
+    """Draw x_0 from x_T with `steps` denoiser calls at the `spacing` of ddim_timesteps: sampler 'ddim' (eta) or
+    'ddpm' (ancestral, var_type)."""
     steps = diffusion.T if steps is None else steps
-    d = diffusion if steps == diffusion.T else diffusion.respace(steps)
+    d = diffusion if steps == diffusion.T else diffusion.respace(steps, spacing)
     if sampler == "ddim":
         return d.ddim_sample_loop(eps_fn, x_T, eta=eta, clip_x0=clip_x0, generator=generator, progress=progress)
     if sampler == "ddpm":

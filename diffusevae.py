@@ -137,7 +137,8 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
 
 @torch.no_grad()
 def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
-           shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True):
+           shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True,
+           spacing="uniform"):
     """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
@@ -149,6 +150,7 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
     `clip_x0` clamps each predicted x_0 to the data range [-1, 1] (in form 2 the y-chain's x_0 is the data x_0 too).
     With few steps it matters: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error
     by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
+    `spacing` picks which `steps` of the T timesteps the sampler visits (ddpm.ddim_timesteps).
     """
     eps_fn = chain_eps_fn(eps_model, x_hat0, form)
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
@@ -156,7 +158,7 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
         ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)
     # the chain starts from noise: x_T in form 1, and y_T = x_T - x_hat_0 with x_T ~ N(x_hat_0, I) in form 2
     return ddpm_sample(diffusion, eps_fn, temperature * noise, steps, sampler, eta, var_type, clip_x0=clip_x0,
-                       generator=generator, progress=progress)
+                       generator=generator, progress=progress, spacing=spacing)
 
 
 def _device_of(module):

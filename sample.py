@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", default="sample", choices=["sample", "recon", "interp", "arith"])
     p.add_argument("--steps", type=int, default=10, help="denoiser calls, 1..T")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--spacing", default="uniform", choices=ddpm.SPACINGS,
+                   help="which timesteps the --steps calls visit: evenly spaced, or quadratic (dense near x_0)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic, 1 ancestral)")
     p.add_argument("--var_type", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
                    help="ancestral sigma_t^2: beta_t or beta-tilde_t")
@@ -90,7 +92,7 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
     x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=args.steps, sampler=args.sampler, eta=args.eta,
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
-                   clip_x0=not args.no_clip)
+                   clip_x0=not args.no_clip, spacing=args.spacing)
     return x_hat0, x0.clamp(-1, 1)
 
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 import evaluate as E
+from ddpm import SPACINGS
 from sample import generate, load_models, parse_args as sample_options
 from vae import sample_prior
 
@@ -27,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--models", nargs="+", required=True, help="NAME=PATH of stage-2 checkpoints")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 25, 100, 1000])
     p.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"], choices=["ddim", "ddpm"])
+    p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="the steps' timesteps (sample.py)")
     p.add_argument("--prior", default="expost", choices=["expost", "normal"], help="where z comes from (sample.py)")
     p.add_argument("--n", type=int, default=1000, help="samples per cell")
     p.add_argument("--batch_size", type=int, default=250)
@@ -45,9 +47,9 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost"):
+def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost", spacing="uniform"):
     """n samples with fixed seeds per batch, so every model sees the same z and the same x_T noise."""
-    opts = sample_options(["--steps", str(steps), "--sampler", sampler])  # sample.py's defaults otherwise
+    opts = sample_options(["--steps", str(steps), "--sampler", sampler, "--spacing", spacing])  # sample.py defaults else
     p_z = vae.prior if vae is not None and prior == "expost" else None
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
@@ -73,7 +75,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else []
-    done = {(r["model"], r["sampler"], r["steps"], r["n"]) for r in results}
+    done = {(r["model"], r["sampler"], r["steps"], r["n"], r.get("spacing", "uniform")) for r in results}
 
     def record(row):
         results.append(row)
@@ -84,29 +86,31 @@ def main(argv=None):
 
     classifier, acc = E.load_or_train_classifier(args.classifier, args.data_dir)
     ref = E.extract_features(classifier, E._load_real("test", args.data_dir)[0])
-    if ("data", "-", 0, args.n) not in done:
+    if ("data", "-", 0, args.n, "-") not in done:
         real = E._load_real("train", args.data_dir)[0][: args.n]
-        record(dict(model="data", sampler="-", steps=0, n=args.n, seconds=0.0, **score(classifier, real, ref)))
+        record(dict(model="data", sampler="-", steps=0, n=args.n, spacing="-", seconds=0.0,
+                    **score(classifier, real, ref)))
     for name, ckpt in args.models.items():
         net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
         for sampler in args.samplers:
             for steps in args.steps:
-                if (name, sampler, steps, args.n) in done:
+                if (name, sampler, steps, args.n, args.spacing) in done:
                     continue
                 t0 = time.time()
-                x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior)
-                record(dict(model=name, sampler=sampler, steps=steps, n=args.n, seconds=round(time.time() - t0, 1),
-                            **score(classifier, x0, ref)))
-                if vae is not None and ("vae", "-", 0, args.n) not in done:
-                    record(dict(model="vae", sampler="-", steps=0, n=args.n, seconds=0.0,
+                x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior,
+                                  args.spacing)
+                record(dict(model=name, sampler=sampler, steps=steps, n=args.n, spacing=args.spacing,
+                            seconds=round(time.time() - t0, 1), **score(classifier, x0, ref)))
+                if vae is not None and ("vae", "-", 0, args.n, "-") not in done:
+                    record(dict(model="vae", sampler="-", steps=0, n=args.n, spacing="-", seconds=0.0,
                                 **score(classifier, x_hat0, ref)))
-                    done.add(("vae", "-", 0, args.n))
-                if vae is not None and vae.prior is not None and ("vae_normal", "-", 0, args.n) not in done:
+                    done.add(("vae", "-", 0, args.n, "-"))
+                if vae is not None and vae.prior is not None and ("vae_normal", "-", 0, args.n, "-") not in done:
                     x_hat0 = torch.cat([vae.decode(z) for z in torch.randn(args.n, vae.z_dim,  # the prior it replaces
                                         generator=torch.Generator().manual_seed(1000)).split(args.batch_size)])
-                    record(dict(model="vae_normal", sampler="-", steps=0, n=args.n, seconds=0.0,
+                    record(dict(model="vae_normal", sampler="-", steps=0, n=args.n, spacing="-", seconds=0.0,
                                 **score(classifier, x_hat0, ref)))
-                    done.add(("vae_normal", "-", 0, args.n))
+                    done.add(("vae_normal", "-", 0, args.n, "-"))
     write_table_and_plot(results, args, acc)
 
 
@@ -118,10 +122,11 @@ def write_table_and_plot(results, args, acc):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in results if r["n"] == args.n]
+    rows = [r for r in results if r["n"] == args.n and r.get("spacing", "uniform") in (args.spacing, "-")]
     fixed = {r["model"]: r for r in rows if r["model"] in FIXED_ROWS}
     lines = [f"FID / KID in the feature space of our own Fashion-MNIST classifier (test accuracy {acc:.2%}), "
-             f"{args.n} samples vs the 10,000 test images. NOT comparable to published Inception FIDs.", "",
+             f"{args.n} samples vs the 10,000 test images, {args.spacing} timestep spacing. "
+             f"NOT comparable to published Inception FIDs.", "",
              "| model | sampler | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
              "|---|---|" + "---|" * len(args.steps)]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -138,7 +143,7 @@ def write_table_and_plot(results, args, acc):
             lines.append(f"| {label} | - | " + " | ".join(f"{fixed[name]['fid']:.1f}" for _ in args.steps) + " |")
             ax.axhline(fixed[name]["fid"], linestyle=style, color="gray", label=label)
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("sampling steps"), ax.set_ylabel("FID (own features)")
-    ax.legend(fontsize=7), ax.set_title(f"FID vs steps, N = {args.n}")
+    ax.legend(fontsize=7), ax.set_title(f"FID vs steps, N = {args.n}, {args.spacing} spacing")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "fid_vs_steps.png"), dpi=110)
     with open(os.path.join(args.out, "table.md"), "w") as f:

@@ -205,9 +205,26 @@ def test_ddim_timesteps_span_the_process_and_reject_bad_counts():
             ddpm.ddim_timesteps(T, bad)
 
 
-def test_respaced_process_keeps_alpha_bar_on_its_subsequence(diff):
-    d = diff.respace(10)
-    taus = ddpm.ddim_timesteps(T, 10)
+def test_quadratic_timesteps_follow_their_formula_and_stay_distinct():
+    for S in (2, 3, 10, 25):  # few steps: tau_i = round((T - 1) (i / (S - 1))^2), nothing collides
+        taus = ddpm.ddim_timesteps(T, S, "quadratic")
+        expect = [round((T - 1) * (i / (S - 1)) ** 2) for i in range(S)]
+        assert taus.tolist() == expect
+    assert ddpm.ddim_timesteps(T, 10, "quadratic").tolist() == [0, 12, 49, 111, 197, 308, 444, 604, 789, 999]
+    for S in (100, 500, T - 1, T):  # many steps: rounding collides near t = 0 and each index moves one up
+        taus = ddpm.ddim_timesteps(T, S, "quadratic")
+        assert taus[0] == 0 and taus[-1] == T - 1 and len(taus) == S and (taus.diff() > 0).all()
+        q = torch.tensor([round((T - 1) * (i / (S - 1)) ** 2) for i in range(S)])
+        assert torch.equal(taus, torch.maximum(q, torch.arange(S)))  # the fix-up is exactly max(formula, i)
+    assert torch.equal(ddpm.ddim_timesteps(T, T, "quadratic"), torch.arange(T))
+    with pytest.raises(ValueError, match="spacing"):
+        ddpm.ddim_timesteps(T, 10, "cubic")
+
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+def test_respaced_process_keeps_alpha_bar_on_its_subsequence(diff, spacing):
+    d = diff.respace(10, spacing)
+    taus = ddpm.ddim_timesteps(T, 10, spacing)
     assert torch.allclose(d.alphas_cumprod, diff.alphas_cumprod[taus], rtol=1e-12)
     assert torch.equal(d.timestep_map, taus)
 
@@ -233,15 +250,15 @@ def ddim_gain(diff, taus, s):
     return gain
 
 
-@pytest.mark.parametrize("steps", [10, T])
-def test_ddim_eta0_with_exact_denoiser_maps_noise_to_the_data_gaussian(diff, steps):
+@pytest.mark.parametrize("steps,spacing", [(10, "uniform"), (10, "quadratic"), (T, "uniform")])
+def test_ddim_eta0_with_exact_denoiser_maps_noise_to_the_data_gaussian(diff, steps, spacing):
     m, s = 0.3, 0.5
     eps_fn = gaussian_eps_oracle(diff, m, s)
     x_T = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
-    out = ddpm.sample(diff, eps_fn, x_T, steps=steps, sampler="ddim", eta=0.0)
+    out = ddpm.sample(diff, eps_fn, x_T, steps=steps, sampler="ddim", eta=0.0, spacing=spacing)
     gain = (out[1] - out[0]).item()
     ab_T = diff.alphas_cumprod[-1].item()
-    assert gain == pytest.approx(ddim_gain(diff, ddpm.ddim_timesteps(T, steps), s), rel=1e-10)
+    assert gain == pytest.approx(ddim_gain(diff, ddpm.ddim_timesteps(T, steps, spacing), s), rel=1e-10)
     assert out[0].item() == pytest.approx(m - gain * math.sqrt(ab_T) * m, rel=1e-10)
     if steps == T:  # the many-step limit is the probability-flow map N(0, 1) -> N(m, s^2)
         # DDIM is a first-order solver: the gain's error halves when the step count doubles, so it tends to s

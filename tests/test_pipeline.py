@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm
+import diffusevae as DV
 import sample
 import train
 from checkpoint import load
 from data import to_unit_range
+from unet import UNet
 from vae import sample_prior
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +99,23 @@ def test_sampling_is_deterministic_with_a_seed(trained):
                      "--out", os.path.join(trained, name)])
         outs.append(np.load(os.path.join(trained, name + ".npz"))["x0"])
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+
+
+def test_spacing_flag_picks_the_timesteps_the_refiner_visits(trained, monkeypatch):
+    ck = os.path.join(trained, "ddpm.pt")
+    net, vae, diffusion, cfg = sample.load_models(ck, torch.device("cpu"))
+    visited, forward = [], UNet.forward
+    monkeypatch.setattr(UNet, "forward", lambda self, x, t, *a: visited.append(int(t[0])) or forward(self, x, t, *a))
+    for spacing in ddpm.SPACINGS:
+        visited.clear()
+        out = os.path.join(trained, "spacing_" + spacing)
+        sample.main(["--ckpt", ck, "--steps", "4", "--n", "3", "--spacing", spacing, "--out", out])
+        assert visited == ddpm.ddim_timesteps(diffusion.T, 4, spacing).flip(0).tolist()  # 999 666 333 0 / 999 444 111 0
+        g = torch.Generator().manual_seed(0)  # sample.py's default seed: z first, then the x_T noise
+        with torch.no_grad():
+            x_hat0 = vae.decode(sample_prior(3, vae.z_dim, vae.prior, generator=g))
+            x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=4, generator=g, spacing=spacing)
+        assert np.allclose(np.load(out + ".npz")["x0"], to_unit_range(x0.clamp(-1, 1)).numpy(), atol=1e-6)
 
 
 def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained):
