@@ -49,7 +49,7 @@ def parse_args(argv=None):
 @torch.no_grad()
 def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost", spacing="uniform"):
     """n samples with fixed seeds per batch, so every model sees the same z and the same x_T noise."""
-    opts = sample_options(["--steps", str(steps), "--sampler", sampler, "--spacing", spacing])  # sample.py defaults else
+    opts = sample_options(["--steps", str(steps), "--sampler", sampler, "--spacing", spacing])  # the rest: sample.py's
     p_z = vae.prior if vae is not None and prior == "expost" else None
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
@@ -75,7 +75,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else []
-    done = {(r["model"], r["sampler"], r["steps"], r["n"], r.get("spacing", "uniform")) for r in results}
+    done = {(r["model"], r["sampler"], r["steps"], r["n"], spacing_of(r)) for r in results}
 
     def record(row):
         results.append(row)
@@ -114,6 +114,11 @@ def main(argv=None):
     write_table_and_plot(results, args, acc)
 
 
+def spacing_of(row):
+    """A row's timestep spacing: "-" for the rows that sample no chain; rows written before --spacing were uniform."""
+    return row.get("spacing", "-" if row["model"] in FIXED_ROWS else "uniform")
+
+
 FIXED_ROWS = {"vae": ("VAE alone", "--"), "vae_normal": ("VAE alone, z ~ N(0, I)", "-."),
               "data": ("data alone (floor)", ":")}
 
@@ -122,7 +127,7 @@ def write_table_and_plot(results, args, acc):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in results if r["n"] == args.n and r.get("spacing", "uniform") in (args.spacing, "-")]
+    rows = [r for r in results if r["n"] == args.n and spacing_of(r) in (args.spacing, "-")]
     fixed = {r["model"]: r for r in rows if r["model"] in FIXED_ROWS}
     lines = [f"FID / KID in the feature space of our own Fashion-MNIST classifier (test accuracy {acc:.2%}), "
              f"{args.n} samples vs the 10,000 test images, {args.spacing} timestep spacing. "
