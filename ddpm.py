@@ -194,11 +194,14 @@ class GaussianDiffusion(nn.Module):
 
     # --- samplers ------------------------------------------------------------------------------------
 
-    def respace(self, steps, spacing="uniform"):
-        """The same process seen only at `steps` of the T timesteps (improved-diffusion's respacing):
+    def respace(self, steps, spacing="uniform", t_start=None):
+        """The same process seen only at `steps` of the timesteps 0..t_start (ddim_timesteps)."""
+        return self.respace_to(ddim_timesteps(self.T, steps, spacing, t_start))
+
+    def respace_to(self, taus):
+        """The same process seen only at the code indices `taus` (improved-diffusion's respacing):
         betas'_i = 1 - alpha-bar_{tau_i} / alpha-bar_{tau_{i-1}}, so alpha-bar' on the subsequence equals the
         original alpha-bar there. Ancestral sampling of the result is DDPM sampling with fewer steps."""
-        taus = ddim_timesteps(self.T, steps, spacing)
         ab = self.alphas_cumprod.cpu()[taus]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         return GaussianDiffusion(1 - ab / ab_prev, timestep_map=self.timestep_map.cpu()[taus]).to(self.betas.device)
@@ -226,14 +229,16 @@ class GaussianDiffusion(nn.Module):
         return x
 
     @torch.no_grad()
-    def ddim_sample_loop(self, eps_fn, x_T, eta=0.0, clip_x0=False, generator=None, progress=False):
+    def ddim_sample_loop(self, eps_fn, x_T, eta=0.0, clip_x0=False, generator=None, progress=False, raw_eps=False):
         """DDIM sampling (Song et al. 2021, eq. 12) over this process's steps (use `respace` for fewer):
 
             x_{t-1} = sqrt(alpha-bar_{t-1}) x0_hat + sqrt(1 - alpha-bar_{t-1} - sigma_t^2) eps + sigma_t z,
             sigma_t^2 = eta^2 beta-tilde_t   (DDIM eq. 16)
 
         eta = 0 is deterministic; eta = 1 is ancestral sampling with sigma_t^2 = beta-tilde_t. At the last step
-        alpha-bar_0 = 1 so sigma = 0 and the output is x0_hat: no noise on the last step."""
+        alpha-bar_0 = 1 so sigma = 0 and the output is x0_hat: no noise on the last step.
+        clip_x0 clamps x0_hat to [-1, 1] and, unless raw_eps, recomputes eps from it so that the update stays on
+        the line through x_t that eq. 12 assumes; raw_eps keeps the network's eps (DiffuseVAE's official code)."""
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         x = x_T
@@ -243,7 +248,8 @@ class GaussianDiffusion(nn.Module):
             x0 = self.predict_x0_from_eps(x, t, eps)
             if clip_x0:
                 x0 = x0.clamp(-1, 1)
-                eps = self.predict_eps_from_x0(x, t, x0)
+                if not raw_eps:
+                    eps = self.predict_eps_from_x0(x, t, x0)
             ab_prev = extract(self.alphas_cumprod_prev, t, x)
             sigma2 = eta ** 2 * extract(self.posterior_variance, t, x)
             x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma2).clamp(min=0).sqrt() * eps
@@ -255,36 +261,46 @@ class GaussianDiffusion(nn.Module):
 SPACINGS = ("uniform", "quadratic")
 
 
-def ddim_timesteps(T, steps, spacing="uniform"):
-    """`steps` code indices tau_1 < ... < tau_S in 0..T-1, always including 0 and T-1 (so x_T ~ N(0, I) is where
-    the sampler starts and the last step reaches x_0). DDIM Appendix D.2 names two choices:
+def ddim_timesteps(T, steps, spacing="uniform", t_start=None):
+    """`steps` code indices tau_1 < ... < tau_S in 0..t_start, always including 0 and t_start (default T - 1, so
+    x_T ~ N(0, I) is where the sampler starts; a smaller t_start is the truncated start of `sample`), and the last
+    step reaches x_0. DDIM Appendix D.2 names two choices, written here with t_start = T - 1:
       uniform:   tau_i evenly spaced, tau_i ~ (T - 1) i / (S - 1);
       quadratic: tau_i ~ (T - 1) (i / (S - 1))^2, dense at small t: the last jump to x_0 starts from little noise
                  (10 steps: from t = 12 instead of t = 111), the first ones are long.
     Rounding can make neighbouring quadratic indices collide when S is large; each is then moved up to one past
-    its predecessor, which keeps tau_S = T - 1 and gives 0..T-1 when S = T."""
-    if not 1 <= steps <= T:
-        raise ValueError(f"--steps must be between 1 and T = {T}, got {steps}")
+    its predecessor, which keeps tau_S = t_start and gives 0..t_start when S = t_start + 1."""
+    t_start = T - 1 if t_start is None else int(t_start)
+    if not 0 <= t_start <= T - 1:
+        raise ValueError(f"--t_start must be between 0 and T - 1 = {T - 1} (code indices), got {t_start}")
+    if not 1 <= steps <= t_start + 1:
+        raise ValueError(f"--steps must be between 1 and {t_start + 1} (the timesteps 0..{t_start}), got {steps}")
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}: choose one of {SPACINGS}")
     if steps == 1:
-        return torch.tensor([T - 1])
+        return torch.tensor([t_start])
     u = torch.linspace(0, 1, steps, dtype=torch.float64)
-    taus = ((T - 1) * (u if spacing == "uniform" else u ** 2)).round().long()
+    taus = (t_start * (u if spacing == "uniform" else u ** 2)).round().long()
     for i in range(1, steps):
         taus[i] = max(taus[i], taus[i - 1] + 1)
-    assert taus[-1] == T - 1 and len(torch.unique(taus)) == steps
+    assert taus[-1] == t_start and len(torch.unique(taus)) == steps
     return taus
 
 
 def sample(diffusion, eps_fn, x_T, steps=None, sampler="ddim", eta=0.0, var_type="fixedlarge",
-           clip_x0=False, generator=None, progress=False, spacing="uniform"):
-    """Draw x_0 from x_T with `steps` denoiser calls at the `spacing` of ddim_timesteps: sampler 'ddim' (eta) or
-    'ddpm' (ancestral, var_type)."""
-    steps = diffusion.T if steps is None else steps
-    d = diffusion if steps == diffusion.T else diffusion.respace(steps, spacing)
+           clip_x0=False, generator=None, progress=False, spacing="uniform", t_start=None, raw_eps=False):
+    """Draw x_0 with `steps` denoiser calls at the `spacing` of ddim_timesteps: sampler 'ddim' (eta) or
+    'ddpm' (ancestral, var_type). `x_T` is the state at the first timestep visited: x_T in the usual full chain,
+    or x_{t_start} for a truncated start (SDEdit, Meng et al. 2022): the chain then runs on 0..t_start only.
+    `raw_eps` (DDIM with clip_x0): keep the network's eps after clipping x_0-hat, as DiffuseVAE's official code does,
+    instead of the eps consistent with the clipped x_0-hat."""
+    last = diffusion.T - 1 if t_start is None else int(t_start)
+    steps = last + 1 if steps is None else steps
+    taus = ddim_timesteps(diffusion.T, steps, spacing, t_start)
+    d = diffusion if len(taus) == diffusion.T else diffusion.respace_to(taus)
     if sampler == "ddim":
-        return d.ddim_sample_loop(eps_fn, x_T, eta=eta, clip_x0=clip_x0, generator=generator, progress=progress)
+        return d.ddim_sample_loop(eps_fn, x_T, eta=eta, clip_x0=clip_x0, generator=generator, progress=progress,
+                                  raw_eps=raw_eps)
     if sampler == "ddpm":
         return d.p_sample_loop(eps_fn, x_T, var_type=var_type, clip_x0=clip_x0, generator=generator, progress=progress)
     raise ValueError(f"unknown sampler {sampler!r}: choose 'ddim' or 'ddpm'")

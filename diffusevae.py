@@ -71,11 +71,14 @@ def denoiser_input(form, x0, x_hat0, diffusion, t, noise):
     return diffusion.q_sample(x0, t, noise)
 
 
-def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None):
+def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None):
     """L_DDPM with the eps parameterisation and dropped weights (DDPM eq. 14, Algorithm 1), per example (B,).
-    In both formulations the target is the noise eps of the forward draw; the denoiser sees x_t and x_hat_0."""
+    In both formulations the target is the noise eps of the forward draw; the denoiser sees x_t and x_hat_0.
+    t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start (refine) is only ever
+    called at t <= t_start, so training it there spends every example where it will be used."""
     if t is None:
-        t = torch.randint(0, diffusion.T, (x0.shape[0],), device=x0.device)
+        t_max = diffusion.T - 1 if t_max is None else t_max
+        t = torch.randint(0, t_max + 1, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
     return loss_simple(eps_model(x_t, t, x_hat0), noise), t
@@ -84,8 +87,13 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None)
 @torch.no_grad()
 def condition_from_vae(vae, x0):
     """x_hat_0 = dec(z), z ~ q(z|x_0): the stage-2 training condition from the frozen VAE ([DiffuseVAE])."""
-    mu, logvar = vae.encode(x0)
-    return vae.decode(mu + torch.exp(0.5 * logvar) * torch.randn_like(mu))
+    return condition_from_codes(vae, *vae.encode(x0))
+
+
+@torch.no_grad()
+def condition_from_codes(vae, mu, logvar):
+    """The same from q(z|x_0) = N(mu, diag e^logvar) given (vae.encode_dataset's cache: only the decoder runs)."""
+    return vae.decode(reparameterize(mu, logvar))
 
 
 def joint_loss(vae, eps_model, diffusion, x0, form=1):
@@ -135,30 +143,52 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
 
 # ----------------------------------------------------------------------------- sampling
 
+def truncated_start(diffusion, x_hat0, t_start, noise):
+    """The state a truncated refiner starts from: the forward marginal at t_start of a chain whose data is x_hat_0,
+
+        chain_{t_s} = sqrt(alpha-bar_{t_s}) x_hat_0 + sqrt(1 - alpha-bar_{t_s}) eps          (DDPM eq. 4 at x_0 = x_hat_0)
+
+    the SDEdit start (Meng et al. 2022; Chung et al. 2022 bound its error). The chain is x_t itself in form 1 and
+    y_t = x_t - x_hat_0 in form 2 (whose y_0 is x_0): in both it is q(chain_{t_s} | x_0) with x_0 replaced by x_hat_0,
+    so it is exact when x_hat_0 = x_0 and off by sqrt(alpha-bar_{t_s}) (x_hat_0 - x_0) in the mean otherwise."""
+    t = torch.full((x_hat0.shape[0],), int(t_start), device=x_hat0.device, dtype=torch.long)
+    return diffusion.q_sample(x_hat0, t, noise)
+
+
 @torch.no_grad()
 def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
            shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True,
-           spacing="uniform"):
+           spacing="uniform", t_start=None, raw_eps=False):
     """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
     Form 2: x_T ~ N(x_hat_0, I); the chain runs on y_t = x_t - x_hat_0, which is the standard DDPM chain, so the
     sampler of ddpm.py applies with eps_fn(y, t) = eps_theta(y + x_hat_0, t, x_hat_0); its output is y_0 = x_0,
     i.e. the shift is removed at the end.
-    x_hat_0 = None with form 1 samples the unconditional baseline (give `shape` then).
+    t_start (a code index < T - 1): start the chain at `truncated_start` instead of pure noise and spend the
+    `steps` calls on the timesteps 0..t_start: x_hat_0 is already close to x_0, so the large-noise steps, where
+    a few-step sampler of an under-trained denoiser errs most, are skipped.
+    x_hat_0 = None with form 1 samples the unconditional baseline (give `shape` then; no t_start).
     `x_T_noise` fixes the initial noise (for interpolation with the DDPM noise held fixed).
     `clip_x0` clamps each predicted x_0 to the data range [-1, 1] (in form 2 the y-chain's x_0 is the data x_0 too).
     With few steps it matters: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error
     by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
-    `spacing` picks which `steps` of the T timesteps the sampler visits (ddpm.ddim_timesteps).
+    `raw_eps` keeps the network's eps after clipping (DDIM; ddpm.sample). `spacing` picks which `steps`
+    timesteps the sampler visits (ddpm.ddim_timesteps).
     """
     eps_fn = chain_eps_fn(eps_model, x_hat0, form)
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
     noise = x_T_noise if x_T_noise is not None else torch.randn(
         ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)
-    # the chain starts from noise: x_T in form 1, and y_T = x_T - x_hat_0 with x_T ~ N(x_hat_0, I) in form 2
-    return ddpm_sample(diffusion, eps_fn, temperature * noise, steps, sampler, eta, var_type, clip_x0=clip_x0,
-                       generator=generator, progress=progress, spacing=spacing)
+    if t_start is None:
+        # the chain starts from noise: x_T in form 1, and y_T = x_T - x_hat_0 with x_T ~ N(x_hat_0, I) in form 2
+        start = temperature * noise
+    elif x_hat0 is None:
+        raise ValueError("a truncated start (t_start) needs x_hat_0 to start from: the unconditional model has none")
+    else:
+        start = truncated_start(diffusion, x_hat0, t_start, temperature * noise)
+    return ddpm_sample(diffusion, eps_fn, start, steps, sampler, eta, var_type, clip_x0=clip_x0, generator=generator,
+                       progress=progress, spacing=spacing, t_start=t_start, raw_eps=raw_eps)
 
 
 def _device_of(module):

@@ -37,6 +37,12 @@ def parse_args(argv=None):
                    help="ancestral sigma_t^2: beta_t or beta-tilde_t")
     p.add_argument("--no_clip", action="store_true",
                    help="do not clamp each predicted x_0 to [-1, 1] (clamping keeps 10-step samples from diverging)")
+    p.add_argument("--raw_eps", action="store_true",
+                   help="DDIM: keep the network's eps after clamping x_0 (DiffuseVAE's official code) instead of the "
+                        "eps of the clamped x_0")
+    p.add_argument("--t_start", default=None,
+                   help="code timestep the refiner starts at, from sqrt(alpha-bar) x_hat_0 + sqrt(1 - alpha-bar) eps "
+                        "(0..T-1), or 'full' for the whole chain from noise (default: the checkpoint's t_start)")
     p.add_argument("--n", type=int, default=16, help="how many samples (rows of 8 in the grid for --mode sample)")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -58,6 +64,13 @@ def parse_args(argv=None):
         p.error("--n and --batch_size must be at least 1")
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.t_start not in (None, "full"):
+        try:
+            args.t_start = int(args.t_start)
+        except ValueError:
+            p.error(f"--t_start takes a code timestep 0..T-1 or 'full', got {args.t_start!r}")
+        if args.t_start < 0:
+            p.error(f"--t_start must be at least 0 (a code timestep 0..T-1) or 'full', got {args.t_start}")
     if args.mode == "arith" and (args.attr is None or args.base is None):
         p.error("--mode arith needs --attr CLASS and --base CLASS (e.g. --attr 5 --base 9: sandal minus ankle boot)")
     return args
@@ -92,8 +105,18 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
     x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=args.steps, sampler=args.sampler, eta=args.eta,
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
-                   clip_x0=not args.no_clip, spacing=args.spacing)
+                   clip_x0=not args.no_clip, spacing=args.spacing, raw_eps=args.raw_eps,
+                   t_start=start_of(args, cfg, x_hat0, diffusion))
     return x_hat0, x0.clamp(-1, 1)
+
+
+def start_of(args, cfg, x_hat0, diffusion):
+    """The refiner's t_start: --t_start, else the checkpoint's (the range its denoiser was trained on); None (the full
+    chain from noise) for 'full', for the unconditional model, and for checkpoints from before t_start existed."""
+    t_start = cfg.get("t_start") if args.t_start is None else args.t_start
+    if t_start in (None, "full") or x_hat0 is None or t_start >= diffusion.T - 1:
+        return None
+    return t_start
 
 
 def class_mean_z(vae, cfg, args, device, label):

@@ -10,6 +10,7 @@ Each stage writes one checkpoint (checkpoint.py) and, periodically, a sample gri
 draws the same batches, timesteps and noise as an uninterrupted one. Ctrl-C / SIGTERM save before exiting.
 """
 import argparse
+import hashlib
 import math
 import os
 import signal
@@ -25,7 +26,7 @@ import diffusevae as DV
 from checkpoint import CheckpointError, load, save_atomic
 from data import DataError, load_dataset, save_grid, to_model_range
 from unet import UNet
-from vae import VAE, fit_expost_prior
+from vae import VAE, encode_dataset, fit_expost_prior
 
 # ----------------------------------------------------------------------------- presets
 # "cpu" (default) is sized so both stages plus sampling finish in about 15 minutes on a 2-core CPU.
@@ -34,15 +35,15 @@ PRESETS = {
     "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
                 vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10,
                 ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
-                schedule="linear", T=1000, sample_every=500, ckpt_every=250),
+                schedule="linear", T=1000, t_start=300, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10,
                     ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
-                    schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
+                    schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
                      vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10,
                      ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
-                     schedule="linear", T=1000, sample_every=10_000, ckpt_every=5000),
+                     schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
 }
 
 
@@ -61,9 +62,16 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="global batch size (split across ranks)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--subset", type=int, default=None, help="train on the first N images only (smoke tests)")
+    p.add_argument("--t_start", default=None,
+                   help="stage 2 trains the denoiser on the code timesteps 0..t_start only, the range a refiner that "
+                        "starts there visits (sample.py uses it as its default start), or 'full' for all T "
+                        "(default: the preset's; always 'full' for --cond none, which has no x_hat_0 to start from)")
     p.add_argument("--prior_k", type=int, default=None,
                    help="components of the ex-post prior fitted after stage 1 (default: the preset's); "
                         "refit a finished VAE with --stage vae --resume --prior_k K")
+    p.add_argument("--no_cache", action="store_true",
+                   help="stage 2: run the frozen encoder on every batch instead of drawing z from the cached q(z|x) "
+                        "(the slower path, kept for the A/B in bench.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --ckpt exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
@@ -84,8 +92,14 @@ def parse_args(argv=None):
     for name in ("steps", "batch_size", "log_every", "prior_k"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
+    if args.t_start not in (None, "full"):
+        if not args.t_start.isdigit() or not 0 <= int(args.t_start) < PRESETS[args.preset]["T"]:
+            p.error(f"--t_start takes a code timestep 0..{PRESETS[args.preset]['T'] - 1} or 'full', got {args.t_start!r}")
+        args.t_start = int(args.t_start)
     cfg = dict(PRESETS[args.preset])
-    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k"):
+    if args.cond == "none":
+        args.t_start = "full"
+    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.stage == "vae" and args.lr is not None:
@@ -147,12 +161,33 @@ def build(args, cfg, img_ch, device):
         vae.load_state_dict(vck["ema"])
         vae.to(device).eval().requires_grad_(False)
         vae.prior = vck.get("prior")  # the ex-post mixture fitted at the end of stage 1 (vae.py), if any
+        vae.codes = vck.get("codes")  # q(z|x) of stage 1's training images, if any (vae_codes)
         if vae.config["img_ch"] != img_ch or vae.config["image_size"] != cfg["image_size"]:
             raise CheckpointError(f"the VAE in {args.vae_ckpt} makes {vae.config['img_ch']}x{vae.config['image_size']}"
                                   f" images, but dataset {cfg['dataset']} has {img_ch}x{cfg['image_size']}")
     net = make_unet(cfg, img_ch, cond_ch=img_ch if vae is not None else 0).to(device)
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     return net, vae, diffusion
+
+
+def fingerprint(images):
+    """A hash of the uint8 training images: ties a cache of their codes to exactly these images."""
+    return hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def vae_codes(vae, images, master=True):
+    """(mu, logvar) of q(z|x) for every training image: from the VAE checkpoint when stage 1 cached them for these
+    images (the cache lives in vae.pt, so it always belongs to that VAE), else encoded once here."""
+    cached = getattr(vae, "codes", None)
+    if cached is not None and cached["fingerprint"] == fingerprint(images):
+        return cached["mu"], cached["logvar"]
+    t0 = time.time()
+    codes = encode_dataset(vae, images)
+    if master:
+        why = "was made for other images" if cached is not None else "has no cache of q(z|x)"
+        print(f"the VAE checkpoint {why}: encoded the {len(images)} training images once ({time.time() - t0:.0f} s)",
+              flush=True)
+    return codes
 
 
 class EMA:
@@ -206,6 +241,9 @@ def main(argv=None):
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     shard = images[rank::world]  # per-rank data sharding: each process sees its own slice
+    codes = None
+    if vae is not None and not args.no_cache:  # the frozen encoder's q(z|x), once, instead of every batch
+        codes = tuple(c[rank::world] for c in vae_codes(vae, images, master))
     if len(shard) < per_rank:
         raise SystemExit(f"only {len(shard)} images per process but a per-process batch of {per_rank}: lower --batch_size")
 
@@ -256,7 +294,7 @@ def main(argv=None):
             ck["vae"] = dict(model_args=vae.config, ema={k: v.cpu() for k, v in vae.state_dict().items()},
                              prior=vae.prior)
         if args.stage == "vae" and prior is not None:
-            ck["prior"] = prior
+            ck["prior"], ck["codes"] = prior, codes
         save_atomic(ck, args.ckpt)
 
     prior = None  # stage 1 fits it once training is done (a resumed run refits it for its new weights)
@@ -267,6 +305,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    t_max = None if cfg["t_start"] == "full" else cfg["t_start"]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     quartile_sum, quartile_n = torch.zeros(4, device=device), torch.zeros(4, device=device)
     window, t0, seen = [], time.time(), 0
@@ -286,8 +325,13 @@ def main(argv=None):
                 rec, kl, _ = model(x0)  # through the DDP/compile wrapper, so gradients are all-reduced
                 loss = (kl - rec).mean() / x0[0].numel()  # negative ELBO, nats per dimension (vae.py)
             else:
-                x_hat0 = DV.condition_from_vae(vae, x0) if vae is not None else None
-                losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form)
+                if vae is None:
+                    x_hat0 = None
+                elif codes is not None:
+                    x_hat0 = DV.condition_from_codes(vae, *(c[idx].to(device) for c in codes))
+                else:
+                    x_hat0 = DV.condition_from_vae(vae, x0)
+                losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max)
                 loss = losses.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -298,7 +342,7 @@ def main(argv=None):
         seen += per_rank * world
         window.append(loss.detach())
         if args.stage == "ddpm":  # loss by timestep quartile: shows where the model is weak
-            q = (t * 4) // diffusion.T
+            q = (t * 4) // (diffusion.T if t_max is None else t_max + 1)
             quartile_sum.index_add_(0, q, losses.detach().float())
             quartile_n.index_add_(0, q, torch.ones_like(q, dtype=torch.float))
         if step % args.log_every == 0 or step == cfg["steps"]:
@@ -330,7 +374,7 @@ def main(argv=None):
     bar.close()
     if master and step >= cfg["steps"] and not stop["signal"]:  # also refreshes a finished run given --resume
         if args.stage == "vae":
-            prior = fit_prior(cfg, raw_model, ema, images)
+            prior, codes = fit_prior(cfg, raw_model, ema, images)
         checkpoint()
     if world > 1:  # DDP keeps the replicas in lock-step; check it once, exactly, against rank 0
         flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
@@ -353,10 +397,12 @@ def fit_prior(cfg, model, ema, images):
     t0 = time.time()
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(ema.state_dict(model))
-    prior, log_lik = fit_expost_prior(ema_model.eval(), images, k=cfg["prior_k"], generator=torch.Generator().manual_seed(0))
+    mu, logvar = encode_dataset(ema_model.eval(), images)
+    prior, log_lik = fit_expost_prior(ema_model, images, k=cfg["prior_k"], codes=(mu, logvar),
+                                      generator=torch.Generator().manual_seed(0))
     print(f"ex-post prior: {cfg['prior_k']}-component Gaussian mixture fitted to {len(images)} codes z ~ q(z|x), "
           f"log-likelihood {log_lik:.3f} nats per latent dimension ({time.time() - t0:.0f} s)", flush=True)
-    return prior
+    return prior, dict(mu=mu, logvar=logvar, fingerprint=fingerprint(images))
 
 
 @torch.no_grad()
@@ -378,7 +424,8 @@ def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16)
         x_hat0 = vae.sample(n, generator=g, device=device)[0] if vae is not None else None
         img_ch = ema_model.config["img_ch"]
         x0 = DV.refine(ema_model, diffusion, x_hat0, form=args.form, steps=10, generator=g,
-                       shape=(n, img_ch, cfg["image_size"], cfg["image_size"]))
+                       shape=(n, img_ch, cfg["image_size"], cfg["image_size"]),
+                       t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"])
         rows = [x_hat0, x0] if x_hat0 is not None else [x0]
     save_grid(torch.cat(rows), f"{base}_samples.png", nrow=n)
     if history:

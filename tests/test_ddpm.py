@@ -201,8 +201,25 @@ def test_ddim_timesteps_span_the_process_and_reject_bad_counts():
     assert taus[0] == 0 and taus[-1] == T - 1 and len(taus) == 10 and (taus.diff() > 0).all()
     assert torch.equal(ddpm.ddim_timesteps(T, T), torch.arange(T))
     for bad in [0, -3, T + 1]:
-        with pytest.raises(ValueError, match="between 1 and T"):
+        with pytest.raises(ValueError, match=f"between 1 and {T}"):
             ddpm.ddim_timesteps(T, bad)
+
+
+@pytest.mark.parametrize("spacing", ddpm.SPACINGS)
+def test_truncated_timesteps_span_0_to_t_start_by_the_same_formula(diff, spacing):
+    t_s, S = 300, 10
+    taus = ddpm.ddim_timesteps(T, S, spacing, t_start=t_s)
+    p = 1 if spacing == "uniform" else 2
+    assert taus.tolist() == [round(t_s * (i / (S - 1)) ** p) for i in range(S)]
+    assert torch.equal(ddpm.ddim_timesteps(T, t_s + 1, spacing, t_start=t_s), torch.arange(t_s + 1))
+    assert torch.equal(ddpm.ddim_timesteps(T, S, spacing, t_start=T - 1), ddpm.ddim_timesteps(T, S, spacing))
+    d = diff.respace(S, spacing, t_start=t_s)  # the respaced process keeps alpha-bar on the truncated subsequence
+    assert torch.allclose(d.alphas_cumprod, diff.alphas_cumprod[taus], rtol=1e-12)
+    for bad in (-1, T):
+        with pytest.raises(ValueError, match="t_start must be between 0 and T - 1"):
+            ddpm.ddim_timesteps(T, S, spacing, t_start=bad)
+    with pytest.raises(ValueError, match="between 1 and 11"):
+        ddpm.ddim_timesteps(T, 12, spacing, t_start=10)
 
 
 def test_quadratic_timesteps_follow_their_formula_and_stay_distinct():
@@ -291,7 +308,7 @@ def test_sample_rejects_bad_arguments(diff):
         ddpm.sample(diff, eps_fn, x, steps=10, eta=-0.5)
     with pytest.raises(ValueError, match="sampler"):
         ddpm.sample(diff, eps_fn, x, steps=10, sampler="euler")
-    with pytest.raises(ValueError, match="between 1 and T"):
+    with pytest.raises(ValueError, match=f"between 1 and {T}"):
         ddpm.sample(diff, eps_fn, x, steps=T + 1)
     with pytest.raises(ValueError, match="schedule"):
         ddpm.make_beta_schedule("quadratic")

@@ -111,6 +111,46 @@ def test_form2_sampler_starts_at_x_hat0_plus_noise_and_removes_the_shift(diff):
     assert torch.allclose(out, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("form", [1, 2])
+def test_truncated_start_is_the_forward_marginal_at_x0_equal_x_hat0(diff, form):
+    # the chain's first state: sqrt(ab_s) x_hat_0 + sqrt(1 - ab_s) eps (form 2: on y = x - x_hat_0), checked through
+    # what the denoiser is first called with, mean and variance within 4 standard errors
+    t_s, N = 300, 40000
+    x_hat0 = torch.linspace(-0.9, 0.9, 4, dtype=torch.float64).repeat(N, 1)      # (N, 4): four pixel values
+    seen = []
+
+    def model(x, t, cond):
+        seen.append((x.clone(), t.clone()))
+        return torch.zeros_like(x)
+    DV.refine(model, diff, x_hat0, form=form, steps=1, t_start=t_s, generator=torch.Generator().manual_seed(5))
+    x, t = seen[0]
+    assert (t == t_s).all()
+    ab = diff.alphas_cumprod[t_s].item()
+    mean = math.sqrt(ab) * x_hat0[0] + (x_hat0[0] if form == 2 else 0)   # form 2's denoiser sees x = y + x_hat_0
+    sd = math.sqrt(1 - ab)
+    assert (x.mean(0) - mean).abs().max() < 4 * sd / math.sqrt(N)
+    assert (x.std(0) - sd).abs().max() < 4 * sd / math.sqrt(2 * N)
+    with pytest.raises(ValueError, match="needs x_hat_0"):
+        DV.refine(model, diff, None, form=1, steps=1, t_start=t_s, shape=(2, 4))
+
+
+@pytest.mark.parametrize("form", [1, 2])
+def test_truncated_start_is_exact_when_x_hat0_is_a_draw_from_the_data(diff, form):
+    # if x_hat_0 ~ p_data, the truncated start IS q(x_{t_s}), so ancestral sampling over 0..t_s with the exact
+    # denoiser returns the data law; when x_hat_0 is far from x_0 the start's mean is off by sqrt(ab_s)(x_hat_0 - x_0)
+    m, s, N, t_s = 0.25, 0.5, 20000, 200
+    g = torch.Generator().manual_seed(11)
+    x_hat0 = m + s * torch.randn(N, 1, generator=g, dtype=torch.float64)
+    oracle = shifted_oracle(diff, m, s) if form == 2 else (lambda x, t, c: gaussian_eps_oracle(diff, m, s)(x, t))
+    x = DV.refine(oracle, diff, x_hat0, form=form, steps=t_s + 1, sampler="ddpm", var_type="fixedsmall",
+                  t_start=t_s, generator=g, clip_x0=False)
+    assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
+    assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N)
+    far = DV.refine(oracle, diff, x_hat0 + 1.0, form=form, steps=t_s + 1, sampler="ddpm", var_type="fixedsmall",
+                    t_start=t_s, generator=g, clip_x0=False)  # a biased x_hat_0 leaves a bias the chain can't remove
+    assert far.mean().item() - m > 10 * s / math.sqrt(N)
+
+
 def test_form1_and_unconditional_baseline_share_the_sampler(diff):
     m, s, N = -0.1, 0.4, 20000
     base = gaussian_eps_oracle(diff, m, s)

@@ -19,7 +19,8 @@ import train
 from checkpoint import load
 from data import to_unit_range
 from unet import UNet
-from vae import sample_prior
+from data import load_dataset
+from vae import VAE, encode_dataset, sample_prior
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--batch_size", "8", "--log_every", "2", "--sample_every", "1000", "--ckpt_every", "1000"]
@@ -101,21 +102,36 @@ def test_sampling_is_deterministic_with_a_seed(trained):
     assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
 
 
-def test_spacing_flag_picks_the_timesteps_the_refiner_visits(trained, monkeypatch):
+def test_spacing_and_t_start_flags_pick_the_timesteps_the_refiner_visits(trained, monkeypatch):
     ck = os.path.join(trained, "ddpm.pt")
     net, vae, diffusion, cfg = sample.load_models(ck, torch.device("cpu"))
+    assert cfg["t_start"] == train.PRESETS["cpu"]["t_start"]  # trained on 0..t_start, and sampled from there
     visited, forward = [], UNet.forward
     monkeypatch.setattr(UNet, "forward", lambda self, x, t, *a: visited.append(int(t[0])) or forward(self, x, t, *a))
-    for spacing in ddpm.SPACINGS:
+    for spacing, flag, t_start in [(s, [], cfg["t_start"]) for s in ddpm.SPACINGS] + [("uniform", ["full"], None),
+                                                                                      ("uniform", ["120"], 120)]:
         visited.clear()
         out = os.path.join(trained, "spacing_" + spacing)
-        sample.main(["--ckpt", ck, "--steps", "4", "--n", "3", "--spacing", spacing, "--out", out])
-        assert visited == ddpm.ddim_timesteps(diffusion.T, 4, spacing).flip(0).tolist()  # 999 666 333 0 / 999 444 111 0
+        sample.main(["--ckpt", ck, "--steps", "4", "--n", "3", "--spacing", spacing, "--out", out]
+                    + (["--t_start"] + flag if flag else []))
+        assert visited == ddpm.ddim_timesteps(diffusion.T, 4, spacing, t_start).flip(0).tolist()  # e.g. 300 200 100 0
         g = torch.Generator().manual_seed(0)  # sample.py's default seed: z first, then the x_T noise
         with torch.no_grad():
             x_hat0 = vae.decode(sample_prior(3, vae.z_dim, vae.prior, generator=g))
-            x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=4, generator=g, spacing=spacing)
+            x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=4, generator=g, spacing=spacing,
+                           t_start=t_start)
         assert np.allclose(np.load(out + ".npz")["x0"], to_unit_range(x0.clamp(-1, 1)).numpy(), atol=1e-6)
+
+
+def test_training_draws_t_from_0_to_t_start_only(trained):
+    _, _, diffusion, cfg = sample.load_models(os.path.join(trained, "ddpm.pt"), torch.device("cpu"))
+    torch.manual_seed(0)
+    x = torch.zeros(5000, 1, 1, 1)
+    draws = [DV.ddpm_loss(lambda x, t, c: x, diffusion, x, x, form=2, t_max=t_max)[1]
+             for t_max in (cfg["t_start"], None)]
+    # 5000 uniform draws on 0..300 miss a given value with probability (300/301)^5000 ~ 6e-8: both ends are hit
+    assert draws[0].min() == 0 and draws[0].max() == cfg["t_start"]
+    assert draws[1].max() > cfg["t_start"] and draws[1].max() <= diffusion.T - 1
 
 
 def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained):
@@ -199,3 +215,24 @@ def test_a_signal_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data_d
     subprocess.run([*common, "--ckpt", whole, "--steps", str(stopped_at + 3)], cwd=REPO, check=True,
                    capture_output=True)
     assert_same(weights(killed)[0], weights(whole)[0])
+
+
+def test_stage2_draws_z_from_the_cached_codes_of_its_vae(tmp_path, data_dir, trained):
+    vae_path = os.path.join(trained, "vae.pt")
+    ck = load(vae_path)
+    vae = VAE(**ck["model_args"])
+    vae.load_state_dict(ck["ema"])
+    images, _ = load_dataset("fashion_mnist", data_dir, split="train")
+    codes = ck["codes"]  # stage 1 cached q(z|x) of its training images, tied to them by a hash
+    assert codes["fingerprint"] == train.fingerprint(images)
+    mu, logvar = encode_dataset(vae.eval(), images)
+    assert torch.allclose(codes["mu"], mu, atol=1e-6) and torch.allclose(codes["logvar"], logvar, atol=1e-6)
+    vae.codes = codes
+    other = images.flip(0)  # other images: the cache does not apply and they are encoded afresh
+    assert torch.allclose(train.vae_codes(vae, other)[0], mu.flip(0), atol=1e-5)
+    # the cached path and the encode-every-batch path train the same model (same z draws, same t and noise)
+    common = ["--stage", "ddpm", "--data_dir", data_dir, "--vae_ckpt", vae_path, "--steps", "2", *TINY]
+    train.main([*common, "--ckpt", str(tmp_path / "cached.pt")])
+    train.main([*common, "--ckpt", str(tmp_path / "encoded.pt"), "--no_cache"])
+    a, b = load(str(tmp_path / "cached.pt"))["history"], load(str(tmp_path / "encoded.pt"))["history"]
+    assert len(a) == len(b) == 1 and a[0][1] == pytest.approx(b[0][1], rel=1e-4)
