@@ -180,15 +180,25 @@ def sample_prior(n, z_dim, prior=None, temperature=1.0, generator=None, device="
 
 
 @torch.no_grad()
-def fit_expost_prior(vae, images, k=10, batch_size=500, generator=None):
-    """Encode uint8 images (N, C, S, S), draw one z ~ q(z|x) each, fit the k-component mixture to them.
-    Returns (prior, mean log-likelihood of the codes under it per latent dimension)."""
+@torch.no_grad()
+def encode_dataset(vae, images, batch_size=500):
+    """q(z|x) = N(mu, diag e^logvar) of every uint8 image (N, C, S, S): (mu, logvar), each (N, z_dim) float32 on the
+    CPU. A frozen VAE's q(z|x) of a training image never changes, so stage 2 draws z from these instead of
+    running the encoder on every batch again, and the ex-post prior is fitted to draws from them."""
     from data import to_model_range
     device = next(vae.parameters()).device
-    zs = []
+    mus, logvars = [], []
     for i in range(0, len(images), batch_size):
         mu, logvar = vae.encode(to_model_range(images[i:i + batch_size]).to(device))
-        eps = torch.randn(mu.shape, generator=generator).to(device)
-        zs.append(reparameterize(mu, logvar, eps).cpu())
-    prior, history = fit_gmm(torch.cat(zs), k=k, generator=generator)
+        mus.append(mu.float().cpu()), logvars.append(logvar.float().cpu())
+    return torch.cat(mus), torch.cat(logvars)
+
+
+def fit_expost_prior(vae, images, k=10, batch_size=500, generator=None, codes=None):
+    """Draw one z ~ q(z|x) for each uint8 image (N, C, S, S) (or from its `codes`, encode_dataset's (mu, logvar)),
+    fit the k-component mixture to them. Returns (prior, mean log-likelihood of the codes under it per latent
+    dimension)."""
+    mu, logvar = encode_dataset(vae, images, batch_size) if codes is None else codes
+    z = reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator))
+    prior, history = fit_gmm(z, k=k, generator=generator)
     return prior, history[-1] / vae.z_dim
