@@ -14,6 +14,9 @@ CLI also prints a floor: real training images vs the test set, with the same N a
     python evaluate.py --samples out/samples.npz --n 10000
     python evaluate.py --bpd runs/fashion/ddpm.pt --n 100    # the variational bound in bits/dim (diffusevae.bound_bpd)
 
+When a sample file holds both the VAE's x_hat_0 ("vae") and its refinement ("x0"), the CLI also prints how often
+the classifier puts the two in the same class: does the refiner keep the garment the VAE drew, or change it?
+
 Images: the classifier reads [-1, 1]; sample files hold [0, 1] and are converted here, in load_samples.
 """
 import argparse
@@ -265,20 +268,52 @@ def keys_to_score(path, key=None):
 
 
 def _report(name, feats, ref):
+    """Print one FID / KID line; return its figures {"n", "fid", "kid", "kid_std"} (KID: mean and std over subsets)."""
     fid, (kid_mean, kid_std) = fid_from_features(feats, ref), kid(feats, ref)
     print(f"{name:<30s} N={len(feats):<6d} FID {fid:9.3f}   KID {kid_mean:8.3f} ± {kid_std:.3f}")
+    return dict(n=len(feats), fid=fid, kid=kid_mean, kid_std=kid_std)
+
+
+@torch.inference_mode()
+def predict(model, x, batch_size=500):
+    """Predicted classes (N,) int64: argmax of the classifier's logits on images x (N, 1, 32, 32) in [-1, 1]."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def class_agreement(model, a, b, batch_size=500):
+    """How often the classifier puts a[i] and b[i] (paired image sets in [-1, 1], e.g. x_hat_0 and its refinement)
+    in the same class, with the binomial standard error of that fraction:
+
+        p = (1/N) sum_i 1[argmax f(a_i) = argmax f(b_i)],    SE = sqrt(p (1 - p) / N).
+
+    Returns (p, SE). The SE treats the N pairs as independent draws, which samples from independent z are."""
+    if len(a) != len(b):
+        raise ValueError(f"class_agreement needs paired sets of equal size, got {len(a)} and {len(b)}")
+    p = (predict(model, a, batch_size) == predict(model, b, batch_size)).double().mean().item()
+    return p, math.sqrt(p * (1 - p) / len(a))
 
 
 def evaluate(model, samples, data_dir=None):
     """Print FID and KID of each image set in `samples` ({name: (N, 1, 32, 32) in [-1, 1]}) vs the Fashion-MNIST
-    test set, then of the first N real training images vs the test set: the floor (same N: FID's bias depends on N)."""
+    test set, then of the first N real training images vs the test set: the floor (same N: FID's bias depends on N).
+    If `samples` holds both "vae" (x_hat_0) and "x0" (its refinement), also print their class agreement.
+
+    Returns what it printed: {"samples": {name: {"n", "fid", "kid", "kid_std"}}, "floor": {the same},
+    "agreement": {"p", "se", "n"} or None}."""
     ref = extract_features(model, _load_real("test", data_dir)[0])
     print(f"features: the classifier's {ref.shape[1]}-d penultimate layer; reference: the {len(ref)} test images.\n"
           "NOT comparable to published (Inception) FIDs. KID: mean ± std over 100 subsets of 1000.")
-    for name, x in samples.items():
-        _report(f"samples '{name}'", extract_features(model, x), ref)
+    scores = {name: _report(f"samples '{name}'", extract_features(model, x), ref) for name, x in samples.items()}
     n = len(next(iter(samples.values())))
-    _report(f"floor: real train[:{n}]", extract_features(model, _load_real("train", data_dir)[0][:n]), ref)
+    floor = _report(f"floor: real train[:{n}]", extract_features(model, _load_real("train", data_dir)[0][:n]), ref)
+    agreement = None
+    if "vae" in samples and "x0" in samples:
+        p, se = class_agreement(model, samples["vae"], samples["x0"])
+        agreement = dict(p=p, se=se, n=len(samples["x0"]))
+        print(f"class agreement x_hat_0 vs refinement: {p:.1%} ± {se:.1%} (N={agreement['n']})")
+    return dict(samples=scores, floor=floor, agreement=agreement)
 
 
 def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0):
@@ -300,7 +335,8 @@ def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0)
     return parts
 
 
-def main():
+def parse_args(argv=None):
+    """The CLI's options (argv: a list of strings, default sys.argv[1:]); argparse exits on a bad command."""
     p = argparse.ArgumentParser(description="FID / KID in the feature space of a small Fashion-MNIST classifier")
     p.add_argument("--samples", help=".npz from sample.py")
     p.add_argument("--key", help=f"array to score (default: each of {', '.join(SAMPLE_KEYS)} the file holds)")
@@ -310,9 +346,14 @@ def main():
     p.add_argument("--train_classifier", action="store_true", help="(re)train and cache the classifier")
     p.add_argument("--bpd", metavar="CKPT", help="the variational bound in bits/dim of a stage-2 checkpoint on the "
                    "first --n test images (default 100; T network calls per image: ~1 min per 100 on 2 CPU cores)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if not (args.samples or args.train_classifier or args.bpd):
         p.error("give --samples, --train_classifier and/or --bpd")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.bpd:
         from data import DataError
         try:

@@ -2,15 +2,19 @@
 
     python sweep.py --models form2=runs/fashion/ddpm.pt form1=runs/form1/ddpm.pt uncond=runs/uncond/ddpm.pt \
                     --steps 10 25 100 --samplers ddim ddpm --n 1000
+    python sweep.py --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 100 300 full --seeds 0 1 2 \
+                    --extra "--var_type fixedsmall"
 
-For each model, sampler and step count it draws N samples (the same z and seeds for every model), scores them
-against the Fashion-MNIST test set, and adds a row to OUT/results.json (kept between runs: finished cells are
-not recomputed). z comes from the VAE's ex-post prior (--prior normal: N(0, I)). The VAE alone (x_hat_0 of the first
+For each model, sampler, step count, t_start and seed it draws N samples (the same z and seeds for every model),
+scores them against the Fashion-MNIST test set (FID, KID, and the classifier's agreement between x_hat_0 and its
+refinement), and adds a row to OUT/results.json (kept between runs: finished cells are not recomputed). The table
+gives the mean ± sd over the seeds. --extra passes further sample.py flags to every cell. z comes from the VAE's ex-post prior (--prior normal: N(0, I)). The VAE alone (x_hat_0 of the first
 model with a VAE, and its decodings of z ~ N(0, I) for comparison) and real training images (the floor) are
 scored once. Then it writes OUT/table.md and OUT/fid_vs_steps.png. These FIDs are NOT comparable to published
 Inception FIDs (see evaluate.py).
 """
 import argparse
+import itertools
 import json
 import os
 import time
@@ -30,6 +34,10 @@ def parse_args(argv=None):
     p.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"], choices=["ddim", "ddpm"])
     p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="the steps' timesteps (sample.py)")
     p.add_argument("--prior", default="expost", choices=["expost", "normal"], help="where z comes from (sample.py)")
+    p.add_argument("--t_start", nargs="+", default=["default"],
+                   help="refiner start timesteps (sample.py --t_start; 'full' = from noise, 'default' = the checkpoint's)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds: the table shows mean ± sd")
+    p.add_argument("--extra", default="", help="more sample.py flags for every cell, e.g. \"--raw_eps\"")
     p.add_argument("--n", type=int, default=1000, help="samples per cell")
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--classifier", default="runs/classifier.pt")
@@ -43,18 +51,24 @@ def parse_args(argv=None):
             p.error(f"--models takes NAME=PATH pairs, got {item!r}")
         models[name] = path
     args.models = models
+    for t in args.t_start:
+        if t not in ("default", "full") and not t.isdigit():
+            p.error(f"--t_start takes code timesteps, 'full' or 'default', got {t!r}")
+    sample_options(args.extra.split())  # a bad --extra fails here, with sample.py's own message
     return args
 
 
 @torch.no_grad()
-def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost", spacing="uniform"):
+def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost", spacing="uniform",
+         t_start="default", seed=0, extra=""):
     """n samples with fixed seeds per batch, so every model sees the same z and the same x_T noise."""
-    opts = sample_options(["--steps", str(steps), "--sampler", sampler, "--spacing", spacing])  # the rest: sample.py's
+    flags = ["--steps", str(steps), "--sampler", sampler, "--spacing", spacing] + extra.split()
+    opts = sample_options(flags + ([] if t_start == "default" else ["--t_start", t_start]))  # the rest: sample.py's
     p_z = vae.prior if vae is not None and prior == "expost" else None
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
-        g = torch.Generator().manual_seed(1000 + i)
+        g = torch.Generator().manual_seed(1000 + 7919 * seed + i)
         z = sample_prior(b, vae.z_dim, p_z, generator=g) if vae is not None else None
         x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=b, args=opts, generator=g)
         outs.append(x0)
@@ -62,11 +76,21 @@ def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost"
     return torch.cat(outs), (torch.cat(vae_outs) if vae is not None else None)
 
 
-def score(classifier, x, ref):
+def score(classifier, x, ref, x_hat0=None):
+    """FID, KID and (given x_hat_0) the fraction of refinements the classifier puts in x_hat_0's class."""
     feats = E.extract_features(classifier, x)
     fid = E.fid_from_features(feats, ref)
     kid_mean, kid_std = E.kid(feats, ref, subset_size=min(1000, len(feats)))
-    return dict(fid=fid, kid=kid_mean, kid_std=kid_std)
+    row = dict(fid=fid, kid=kid_mean, kid_std=kid_std)
+    if x_hat0 is not None:
+        row["agree"] = E.class_agreement(classifier, x_hat0, x)[0]
+    return row
+
+
+def key_of(row):
+    """What a row measured: finished cells with the same key are not recomputed."""
+    return (row["model"], row["sampler"], row["steps"], row["n"], spacing_of(row), str(row.get("t_start", "default")),
+            row.get("extra", ""), row.get("seed", 0))
 
 
 def main(argv=None):
@@ -75,42 +99,41 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else []
-    done = {(r["model"], r["sampler"], r["steps"], r["n"], spacing_of(r)) for r in results}
+    done = {key_of(r) for r in results}
 
     def record(row):
         results.append(row)
+        done.add(key_of(row))
         with open(path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(path + ".tmp", path)  # a crash never loses finished cells
         print(json.dumps(row), flush=True)
 
+    def fixed(name, seed):
+        return dict(model=name, sampler="-", steps=0, n=args.n, spacing="-", seed=seed)
+
     classifier, acc = E.load_or_train_classifier(args.classifier, args.data_dir)
     ref = E.extract_features(classifier, E._load_real("test", args.data_dir)[0])
-    if ("data", "-", 0, args.n, "-") not in done:
+    if key_of(fixed("data", 0)) not in done:
         real = E._load_real("train", args.data_dir)[0][: args.n]
-        record(dict(model="data", sampler="-", steps=0, n=args.n, spacing="-", seconds=0.0,
-                    **score(classifier, real, ref)))
+        record(dict(fixed("data", 0), seconds=0.0, **score(classifier, real, ref)))
     for name, ckpt in args.models.items():
         net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
-        for sampler in args.samplers:
-            for steps in args.steps:
-                if (name, sampler, steps, args.n, args.spacing) in done:
-                    continue
-                t0 = time.time()
-                x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior,
-                                  args.spacing)
-                record(dict(model=name, sampler=sampler, steps=steps, n=args.n, spacing=args.spacing,
-                            seconds=round(time.time() - t0, 1), **score(classifier, x0, ref)))
-                if vae is not None and ("vae", "-", 0, args.n, "-") not in done:
-                    record(dict(model="vae", sampler="-", steps=0, n=args.n, spacing="-", seconds=0.0,
-                                **score(classifier, x_hat0, ref)))
-                    done.add(("vae", "-", 0, args.n, "-"))
-                if vae is not None and vae.prior is not None and ("vae_normal", "-", 0, args.n, "-") not in done:
-                    x_hat0 = torch.cat([vae.decode(z) for z in torch.randn(args.n, vae.z_dim,  # the prior it replaces
-                                        generator=torch.Generator().manual_seed(1000)).split(args.batch_size)])
-                    record(dict(model="vae_normal", sampler="-", steps=0, n=args.n, spacing="-", seconds=0.0,
-                                **score(classifier, x_hat0, ref)))
-                    done.add(("vae_normal", "-", 0, args.n, "-"))
+        for sampler, steps, t_start, seed in itertools.product(args.samplers, args.steps, args.t_start, args.seeds):
+            cell = dict(model=name, sampler=sampler, steps=steps, n=args.n, spacing=args.spacing, t_start=t_start,
+                        extra=args.extra, seed=seed)
+            if key_of(cell) in done or (vae is None and t_start not in ("default", "full")):
+                continue  # the unconditional model has no x_hat_0 to start from
+            t0 = time.time()
+            x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior,
+                              args.spacing, t_start, seed, args.extra)
+            record(dict(cell, seconds=round(time.time() - t0, 1), **score(classifier, x0, ref, x_hat0)))
+            if vae is not None and key_of(fixed("vae", seed)) not in done:
+                record(dict(fixed("vae", seed), seconds=0.0, **score(classifier, x_hat0, ref)))
+            if vae is not None and vae.prior is not None and key_of(fixed("vae_normal", seed)) not in done:
+                x_hat0 = torch.cat([vae.decode(z) for z in torch.randn(args.n, vae.z_dim,  # the prior it replaces
+                                    generator=torch.Generator().manual_seed(1000 + seed)).split(args.batch_size)])
+                record(dict(fixed("vae_normal", seed), seconds=0.0, **score(classifier, x_hat0, ref)))
     write_table_and_plot(results, args, acc)
 
 
@@ -123,30 +146,47 @@ FIXED_ROWS = {"vae": ("VAE alone", "--"), "vae_normal": ("VAE alone, z ~ N(0, I)
               "data": ("data alone (floor)", ":")}
 
 
+def mean_sd(values):
+    """'m' for one value, 'm ± sd' (sample standard deviation over the seeds) for several."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.1f}" if len(t) == 1 else f"{t.mean():.1f} ± {t.std():.1f}"
+
+
 def write_table_and_plot(results, args, acc):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in results if r["n"] == args.n and spacing_of(r) in (args.spacing, "-")]
-    fixed = {r["model"]: r for r in rows if r["model"] in FIXED_ROWS}
+    seeds = set(args.seeds)
+    rows = [r for r in results if r["n"] == args.n and spacing_of(r) in (args.spacing, "-")
+            and r.get("seed", 0) in seeds and r.get("extra", "") in (args.extra, "") ]
     lines = [f"FID / KID in the feature space of our own Fashion-MNIST classifier (test accuracy {acc:.2%}), "
-             f"{args.n} samples vs the 10,000 test images, {args.spacing} timestep spacing. "
-             f"NOT comparable to published Inception FIDs.", "",
-             "| model | sampler | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
-             "|---|---|" + "---|" * len(args.steps)]
+             f"{args.n} samples vs the 10,000 test images, {args.spacing} timestep spacing, seeds {sorted(seeds)} "
+             f"(mean ± sd), sample.py flags: {args.extra or 'none'}. Each cell: FID [class agreement x_hat_0 vs "
+             f"refinement] (seconds per seed). NOT comparable to published Inception FIDs.", "",
+             "| model | sampler | t_start | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
+             "|---|---|---|" + "---|" * len(args.steps)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for name in args.models:
-        for sampler in args.samplers:
-            cells = {r["steps"]: r for r in rows if r["model"] == name and r["sampler"] == sampler}
-            lines.append(f"| {name} | {sampler} | " + " | ".join(
-                f"{cells[s]['fid']:.1f} ({cells[s]['seconds']:.0f} s)" if s in cells else "-" for s in args.steps) + " |")
-            pts = sorted((s, cells[s]["fid"]) for s in args.steps if s in cells)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{name} {sampler}")
+    for name, sampler, t_start in itertools.product(args.models, args.samplers, args.t_start):
+        cells = {}
+        for r in rows:
+            if (r["model"], r["sampler"], str(r.get("t_start", "default")), r.get("extra", "")) == \
+                    (name, sampler, t_start, args.extra):
+                cells.setdefault(r["steps"], []).append(r)
+        if not cells:
+            continue
+
+        def cell(rs):
+            agree = f" [{100 * sum(r['agree'] for r in rs) / len(rs):.1f}%]" if "agree" in rs[0] else ""
+            return f"{mean_sd([r['fid'] for r in rs])}{agree} ({sum(r['seconds'] for r in rs) / len(rs):.0f} s)"
+        lines.append(f"| {name} | {sampler} | {t_start} | " + " | ".join(
+            cell(cells[s]) if s in cells else "-" for s in args.steps) + " |")
+        pts = sorted((s, sum(r["fid"] for r in cells[s]) / len(cells[s])) for s in args.steps if s in cells)
+        ax.plot(*zip(*pts), marker="o", label=f"{name} {sampler} t_start={t_start}")
     for name, (label, style) in FIXED_ROWS.items():
-        if name in fixed:
-            lines.append(f"| {label} | - | " + " | ".join(f"{fixed[name]['fid']:.1f}" for _ in args.steps) + " |")
-            ax.axhline(fixed[name]["fid"], linestyle=style, color="gray", label=label)
+        fids = [r["fid"] for r in rows if r["model"] == name]
+        if fids:
+            lines.append(f"| {label} | - | - | " + " | ".join(mean_sd(fids) for _ in args.steps) + " |")
+            ax.axhline(sum(fids) / len(fids), linestyle=style, color="gray", label=label)
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("sampling steps"), ax.set_ylabel("FID (own features)")
     ax.legend(fontsize=7), ax.set_title(f"FID vs steps, N = {args.n}, {args.spacing} spacing")
     fig.tight_layout()

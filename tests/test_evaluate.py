@@ -280,3 +280,87 @@ def test_cli_stops_with_the_message_before_any_slow_step(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["evaluate.py", "--samples", path, "--classifier", classifier])
     with pytest.raises(SystemExit, match="error: .* has no array 'x0'; it holds: samples"):
         ev.main()
+
+
+# ----------------------------------------------------------------------------- class agreement and the CLI
+
+class NearestLevel(torch.nn.Module):
+    """A stand-in classifier with logits we choose: an image's class is the level in linspace(-1, 1, 10) nearest
+    to its top-left pixel, logit_k = -(x[0, 0, 0] - level_k)^2."""
+
+    def __init__(self):
+        super().__init__()
+        self.levels = torch.nn.Parameter(torch.linspace(-1, 1, 10))
+
+    def forward(self, x):
+        return -(x[:, 0, 0, 0, None] - self.levels) ** 2  # (B, 10)
+
+
+def images_of_class(classes, gen):
+    """(N, 1, 32, 32) noise in [-1, 1] whose top-left pixel is the level of the given class, for NearestLevel."""
+    x = torch.rand(len(classes), 1, 32, 32, generator=gen) * 2 - 1
+    x[:, 0, 0, 0] = torch.linspace(-1, 1, 10)[torch.tensor(classes)]
+    return x
+
+
+def test_class_agreement_is_one_for_identical_sets():
+    torch.manual_seed(0)
+    model, x = ev.FeatureNet(width=8), torch.randn(7, 1, 32, 32).clamp(-1, 1)
+    assert ev.class_agreement(model, x, x.clone(), batch_size=3) == (1.0, 0.0)
+
+
+def test_class_agreement_matches_a_hand_count():
+    gen = torch.Generator().manual_seed(0)
+    a_cls, b_cls = [0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 9, 3, 4, 0, 6, 2]  # same class at 0, 1, 3, 4, 6: 5 of 8
+    a, b = images_of_class(a_cls, gen), images_of_class(b_cls, gen)
+    model = NearestLevel()
+    assert ev.predict(model, a, batch_size=3).tolist() == a_cls and ev.predict(model, b).tolist() == b_cls
+    p, se = ev.class_agreement(model, a, b, batch_size=3)
+    assert p == 5 / 8 and se == pytest.approx(np.sqrt(5 / 8 * 3 / 8 / 8), rel=1e-12)
+    with pytest.raises(ValueError, match="equal size"):
+        ev.class_agreement(model, a, b[:5])
+
+
+def fake_real(split, data_dir=None):
+    """Stands in for Fashion-MNIST: 64 random images per split (no dataset in the tests)."""
+    gen = torch.Generator().manual_seed(0 if split == "test" else 1)
+    return torch.rand(64, 1, 32, 32, generator=gen) * 2 - 1, torch.zeros(64, dtype=torch.int64)
+
+
+def test_cli_prints_fid_kid_and_the_class_agreement(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    classifier = str(tmp_path / "classifier.pt")
+    ev.save_classifier(ev.FeatureNet(width=8, feature_dim=16), 0.5, classifier)  # tiny: no training run
+    x = np.random.default_rng(0).uniform(0, 1, (20, 1, 32, 32)).astype(np.float32)
+    path = str(tmp_path / "samples.npz")
+    np.savez(path, vae=x, x0=x)  # a refiner that changes nothing keeps every class
+    monkeypatch.setattr(ev, "_load_real", fake_real)
+    ev.main(["--samples", path, "--classifier", classifier, "--n", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[-4:-1]] == [["samples", "'x0'"], ["samples", "'vae'"], ["floor:", "real"]]
+    assert lines[-1] == "class agreement x_hat_0 vs refinement: 100.0% ± 0.0% (N=16)"
+
+
+def test_evaluate_returns_what_it_prints(monkeypatch, capsys):
+    torch.manual_seed(0)
+    model, gen = NearestLevel(), torch.Generator().manual_seed(0)
+    model.features = lambda x: x.flatten(1)[:, :8]  # the first 8 pixels as features
+    samples = {"vae": images_of_class([0, 1, 2, 3] * 5, gen), "x0": images_of_class([0, 1, 2, 9] * 5, gen)}
+    monkeypatch.setattr(ev, "_load_real", fake_real)
+    got = ev.evaluate(model, samples)
+    out = capsys.readouterr().out
+    assert set(got) == {"samples", "floor", "agreement"} and list(got["samples"]) == ["vae", "x0"]
+    for name, line in [("vae", "samples 'vae'"), ("x0", "samples 'x0'")]:
+        s = got["samples"][name]
+        assert s["n"] == 20 and f"{line:<30s} N=20     FID {s['fid']:9.3f}   KID {s['kid']:8.3f} ± {s['kid_std']:.3f}" in out
+    assert f"FID {got['floor']['fid']:9.3f}" in out and got["floor"]["n"] == 20
+    assert got["agreement"] == dict(p=0.75, se=pytest.approx(np.sqrt(0.75 * 0.25 / 20)), n=20)
+    assert "class agreement x_hat_0 vs refinement: 75.0% ± 9.7% (N=20)" in out
+    assert ev.evaluate(model, {"x0": samples["x0"]})["agreement"] is None  # one set: nothing to compare
+
+
+def test_parse_args_dry_parses_and_rejects_a_command_with_nothing_to_do():
+    args = ev.parse_args(["--samples", "s.npz", "--n", "500"])
+    assert (args.samples, args.n, args.key, args.classifier) == ("s.npz", 500, None, "runs/classifier.pt")
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--n", "500"])
