@@ -130,6 +130,19 @@ class GaussianDiffusion(nn.Module):
         return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
                 / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
+    def predict_v(self, x0, t, eps):
+        """v = sqrt(alpha-bar_t) eps - sqrt(1 - alpha-bar_t) x_0 (Salimans & Ho 2022, "v-prediction"): the velocity of
+        x_t = cos(phi) x_0 + sin(phi) eps along phi, with cos(phi) = sqrt(alpha-bar_t)."""
+        return extract(self.sqrt_alphas_cumprod, t, x0) * eps - extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def predict_x0_from_v(self, x_t, t, v):
+        """x_0 = sqrt(alpha-bar_t) x_t - sqrt(1 - alpha-bar_t) v (a rotation back by phi)."""
+        return extract(self.sqrt_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+
+    def predict_eps_from_v(self, x_t, t, v):
+        """eps = sqrt(1 - alpha-bar_t) x_t + sqrt(alpha-bar_t) v."""
+        return extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + extract(self.sqrt_alphas_cumprod, t, x_t) * v
+
     def score_from_eps(self, t, eps):
         """Tweedie ([Luo]): grad_x log q(x_t) = -E[eps | x_t] / sqrt(1 - alpha-bar_t)."""
         return -eps / extract(self.sqrt_one_minus_alphas_cumprod, t, eps)

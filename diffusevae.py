@@ -71,17 +71,54 @@ def denoiser_input(form, x0, x_hat0, diffusion, t, noise):
     return diffusion.q_sample(x0, t, noise)
 
 
-def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None):
-    """L_DDPM with the eps parameterisation and dropped weights (DDPM eq. 14, Algorithm 1), per example (B,).
-    In both formulations the target is the noise eps of the forward draw; the denoiser sees x_t and x_hat_0.
-    t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start (refine) is only ever
-    called at t <= t_start, so training it there spends every example where it will be used."""
+# ----------------------------------------------------------------------------- what the network predicts
+
+PARAMETERISATIONS = ("eps", "x0", "residual", "v")
+
+
+def training_target(param, diffusion, x0, x_hat0, t, noise):
+    """What the network is trained to output, on the chain whose data is x_0 (x_t in form 1, y_t in form 2):
+    eps (DDPM eq. 14); x0; residual = x_0 - x_hat_0 (a network that outputs 0, as ours does at initialisation, then
+    returns x_hat_0 unchanged); v = sqrt(ab) eps - sqrt(1 - ab) x_0 (ddpm.predict_v)."""
+    if param == "eps":
+        return noise
+    if param == "x0":
+        return x0
+    if param == "residual":
+        return x0 - x_hat0
+    if param == "v":
+        return diffusion.predict_v(x0, t, noise)
+    raise ValueError(f"unknown parameterisation {param!r}: choose one of {PARAMETERISATIONS}")
+
+
+def eps_from_output(param, diffusion, out, chain_t, t, x_hat0):
+    """The eps the samplers use, from the network's output for `param` at the chain's state chain_t (ddpm.py's
+    conversions: eq. 4 solved for eps, or the v rotation). Inverts training_target exactly."""
+    if param == "eps":
+        return out
+    if param == "x0":
+        return diffusion.predict_eps_from_x0(chain_t, t, out)
+    if param == "residual":
+        return diffusion.predict_eps_from_x0(chain_t, t, x_hat0 + out)
+    if param == "v":
+        return diffusion.predict_eps_from_v(chain_t, t, out)
+    raise ValueError(f"unknown parameterisation {param!r}: choose one of {PARAMETERISATIONS}")
+
+
+def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None, param="eps"):
+    """L_DDPM with dropped weights (DDPM eq. 14, Algorithm 1), per example (B,): the mean squared error of the
+    network's output against training_target (for param = eps: the noise of the forward draw). The denoiser sees
+    x_t and x_hat_0. t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start
+    (refine) is only ever called at t <= t_start, so training it there spends every example where it is used."""
+    if param == "residual" and x_hat0 is None:
+        raise ValueError("the residual parameterisation predicts x_0 - x_hat_0: it needs x_hat_0 (not --cond none)")
     if t is None:
         t_max = diffusion.T - 1 if t_max is None else t_max
         t = torch.randint(0, t_max + 1, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
-    return loss_simple(eps_model(x_t, t, x_hat0), noise), t
+    target = training_target(param, diffusion, x0, x_hat0, t, noise)
+    return loss_simple(eps_model(x_t, t, x_hat0), target), t
 
 
 @torch.no_grad()
@@ -108,20 +145,22 @@ def joint_loss(vae, eps_model, diffusion, x0, form=1):
     return l_vae + l_ddpm, l_vae, l_ddpm
 
 
-def chain_eps_fn(eps_model, x_hat0, form):
+def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps"):
     """eps_theta as ddpm.py's samplers and bound call it, eps_fn(x, t), on a standard DDPM chain.
     Form 1 (and the unconditional baseline, x_hat_0 = None): the chain is x_t itself.
     Form 2: the chain is y_t = x_t - x_hat_0 (a standard DDPM chain with y_0 = x_0), so eps_fn(y, t) =
-    eps_theta(y + x_hat_0, t, x_hat_0)."""
-    if form == 1:
-        return lambda x, t: eps_model(x, t, x_hat0)
-    if form == 2 and x_hat0 is not None:
-        return lambda y, t: eps_model(y + x_hat0, t, x_hat0)
-    raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
+    eps_theta(y + x_hat_0, t, x_hat_0). A network trained for another `param` is converted (eps_from_output;
+    `diffusion` is then the original T-step process, whose code indices t the samplers pass)."""
+    if form not in (1, 2) or (form == 2 and x_hat0 is None):
+        raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
+    shift = x_hat0 if form == 2 else 0
+    if param == "eps":
+        return lambda x, t: eps_model(x + shift, t, x_hat0)
+    return lambda x, t: eps_from_output(param, diffusion, eps_model(x + shift, t, x_hat0), x, t, x_hat0)
 
 
 @torch.no_grad()
-def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False):
+def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False, param="eps"):
     """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image ([DiffuseVAE]):
 
         -log p(x_0) <= E_{z ~ q(z|x_0)}[ -log p_phi(x_0 | x_hat_0 = dec(z)) ] + KL(q(z|x_0) || p(z))
@@ -136,7 +175,7 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
         mu, logvar = vae.encode(x0)
         x_hat0 = vae.decode(reparameterize(mu, logvar))
         kl_z = kl_standard_normal(mu, logvar) / (x0[0].numel() * math.log(2.0))
-    eps_fn = chain_eps_fn(eps_model, x_hat0, form)
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
     ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0, var_type=var_type, progress=progress)["total"]
     return dict(total=ddpm_bpd + kl_z, ddpm=ddpm_bpd, kl_z=kl_z)
 
@@ -158,7 +197,7 @@ def truncated_start(diffusion, x_hat0, t_start, noise):
 @torch.no_grad()
 def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
            shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True,
-           spacing="uniform", t_start=None, raw_eps=False):
+           spacing="uniform", t_start=None, raw_eps=False, param="eps"):
     """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
@@ -174,9 +213,9 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
     With few steps it matters: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error
     by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
     `raw_eps` keeps the network's eps after clipping (DDIM; ddpm.sample). `spacing` picks which `steps`
-    timesteps the sampler visits (ddpm.ddim_timesteps).
+    timesteps the sampler visits (ddpm.ddim_timesteps). `param`: what the network predicts (training_target).
     """
-    eps_fn = chain_eps_fn(eps_model, x_hat0, form)
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
     noise = x_T_noise if x_T_noise is not None else torch.randn(
         ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)

@@ -106,7 +106,7 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
                    clip_x0=not args.no_clip, spacing=args.spacing, raw_eps=args.raw_eps,
-                   t_start=start_of(args, cfg, x_hat0, diffusion))
+                   t_start=start_of(args, cfg, x_hat0, diffusion), param=cfg.get("param", "eps"))
     return x_hat0, x0.clamp(-1, 1)
 
 

@@ -33,15 +33,15 @@ from vae import VAE, encode_dataset, fit_expost_prior
 # "cifar10" / "celeba64" carry the DiffuseVAE paper's settings (its official configs) for GPUs.
 PRESETS = {
     "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
-                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10,
+                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10, param="eps",
                 ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
                 schedule="linear", T=1000, t_start=300, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
-                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10,
+                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10, param="eps",
                     ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
                     schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
-                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10,
+                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10, param="eps",
                      ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
                      schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
 }
@@ -66,6 +66,9 @@ def parse_args(argv=None):
                    help="stage 2 trains the denoiser on the code timesteps 0..t_start only, the range a refiner that "
                         "starts there visits (sample.py uses it as its default start), or 'full' for all T "
                         "(default: the preset's; always 'full' for --cond none, which has no x_hat_0 to start from)")
+    p.add_argument("--param", default=None, choices=DV.PARAMETERISATIONS,
+                   help="what the stage-2 network predicts: eps (DDPM), x0, residual x_0 - x_hat_0, or v "
+                        "(default: the preset's; diffusevae.training_target)")
     p.add_argument("--prior_k", type=int, default=None,
                    help="components of the ex-post prior fitted after stage 1 (default: the preset's); "
                         "refit a finished VAE with --stage vae --resume --prior_k K")
@@ -99,7 +102,9 @@ def parse_args(argv=None):
     cfg = dict(PRESETS[args.preset])
     if args.cond == "none":
         args.t_start = "full"
-    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start"):
+    if args.cond == "none" and args.param == "residual":
+        p.error("--param residual predicts x_0 - x_hat_0: the unconditional baseline (--cond none) has no x_hat_0")
+    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start", "param"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.stage == "vae" and args.lr is not None:
@@ -331,7 +336,8 @@ def main(argv=None):
                     x_hat0 = DV.condition_from_codes(vae, *(c[idx].to(device) for c in codes))
                 else:
                     x_hat0 = DV.condition_from_vae(vae, x0)
-                losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max)
+                losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max,
+                                         param=cfg["param"])
                 loss = losses.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -425,7 +431,7 @@ def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16)
         img_ch = ema_model.config["img_ch"]
         x0 = DV.refine(ema_model, diffusion, x_hat0, form=args.form, steps=10, generator=g,
                        shape=(n, img_ch, cfg["image_size"], cfg["image_size"]),
-                       t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"])
+                       t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"], param=cfg["param"])
         rows = [x_hat0, x0] if x_hat0 is not None else [x0]
     save_grid(torch.cat(rows), f"{base}_samples.png", nrow=n)
     if history:

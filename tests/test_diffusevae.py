@@ -273,3 +273,45 @@ def test_bound_bpd_is_the_ddpm_bound_given_x_hat0_plus_the_latent_kl(diff, form)
     uncond = DV.bound_bpd(lambda x, t, c: base(x, t), diff, x0)
     torch.manual_seed(9)
     assert torch.allclose(uncond["total"], diff.vlb_terms_bpd(base, x0)["total"], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("form", [1, 2])
+@pytest.mark.parametrize("param", DV.PARAMETERISATIONS)
+def test_every_parameterisation_converts_its_target_back_to_the_noise_exactly(diff, form, param):
+    # the network's ideal output for each target, turned into eps by eps_from_output, is the forward draw's noise
+    g = torch.Generator().manual_seed(4)
+    x0, x_hat0, noise = (torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 1, 150, 500, 998, 999])
+    chain_t = diff.q_sample(x0, t, noise)  # the chain: x_t (form 1) or y_t = x_t - x_hat_0 (form 2)
+    target = DV.training_target(param, diff, x0, x_hat0, t, noise)
+    assert torch.allclose(DV.eps_from_output(param, diff, target, chain_t, t, x_hat0), noise, rtol=0, atol=1e-10)
+
+    def perfect(x_t, tt, cond):  # returns the target: the loss is zero and the chain's eps is the noise
+        assert torch.equal(x_t, chain_t + (x_hat0 if form == 2 else 0)) and torch.equal(cond, x_hat0)
+        return target
+    losses, _ = DV.ddpm_loss(perfect, diff, x0, x_hat0, form=form, t=t, noise=noise, param=param)
+    assert losses.abs().max() == 0
+    eps = DV.chain_eps_fn(perfect, x_hat0, form, diff, param)(chain_t, t)
+    assert torch.allclose(eps, noise, rtol=0, atol=1e-10)
+
+
+def test_v_is_a_rotation_of_x0_and_eps(diff):
+    g = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 400, 999, 700])
+    x_t, v = diff.q_sample(x0, t, eps), diff.predict_v(x0, t, eps)
+    assert torch.allclose(diff.predict_x0_from_v(x_t, t, v), x0, atol=1e-12)
+    assert torch.allclose(diff.predict_eps_from_v(x_t, t, v), eps, atol=1e-12)
+    assert torch.allclose(x_t ** 2 + v ** 2, x0 ** 2 + eps ** 2, atol=1e-12)  # a rotation keeps the norm
+
+
+@pytest.mark.parametrize("form,t_start", [(1, None), (2, None), (2, 300)])
+def test_residual_model_that_outputs_zero_returns_x_hat0(diff, form, t_start):
+    # a freshly initialised residual refiner (its last conv is zero) is the identity on x_hat_0: training starts
+    # from the VAE's sample, not from noise
+    x_hat0 = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    out = DV.refine(lambda x, t, c: torch.zeros_like(x), diff, x_hat0, form=form, steps=10, t_start=t_start,
+                    param="residual", generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(out, x_hat0, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="needs x_hat_0"):
+        DV.ddpm_loss(lambda x, t, c: x, diff, x_hat0, None, form=1, param="residual")
