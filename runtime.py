@@ -1,0 +1,118 @@
+"""Every device-dependent speed choice in one place: what train.py, bench.py and sample.py do differently on a GPU.
+
+    rt = choose(pick_device(args.device, local_rank).type, args.compile, world=world)
+    apply_global_flags(rt)
+    raw, model = prepare_model(net, rt)        # save raw.state_dict(); call model(...)
+    opt = make_optimizer(raw.parameters(), lr, rt)
+    with autocast(rt):
+        loss = ...(model, prepare_batch(x0, rt))
+
+choose() is a pure function of its inputs (it never asks torch.cuda anything), so a CPU test can check the
+decisions it makes for a pretend CUDA device; pick_device() holds the only torch.cuda query. The same training
+step runs on the CPU with each choice forced (bf16 autocast, channels_last, compile) and gives the same loss to
+a tolerance stated in tests/test_runtime.py.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+# channels_last (NHWC) convs on this CPU: measured in bench.py (train step, contiguous vs channels_last).
+CPU_CHANNELS_LAST = True
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The decisions for one process. amp_dtype is the autocast dtype (None: plain fp32)."""
+    device: torch.device
+    amp_dtype: torch.dtype = None
+    tf32: bool = False
+    channels_last: bool = False
+    fused_adamw: bool = False
+    compile: bool = False
+    ddp_backend: str = "gloo"
+    world: int = 1
+
+    def describe(self):
+        """One header line, e.g. 'device cpu | dtype fp32 | amp off | channels_last on | compile off | threads 2 | world 1'."""
+        on = lambda b: "on" if b else "off"
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off")
+        parts = [f"device {self.device}", "dtype fp32", f"amp {amp}"]
+        if self.device.type == "cuda":
+            parts.append(f"tf32 {on(self.tf32)}")
+        parts += [f"channels_last {on(self.channels_last)}", f"compile {on(self.compile)}",
+                  f"threads {torch.get_num_threads()}", f"world {self.world}"]
+        return " | ".join(parts)
+
+
+def choose(device_type, compile_flag=False, channels_last=None, world=1):
+    """The speed choices for a device ("cuda", "cpu", or a torch.device such as pick_device's cuda:local_rank);
+    pure: the same inputs give the same Runtime, and nothing asks torch.cuda whether a GPU is there.
+
+    CUDA: bf16 autocast (tensor cores; bf16 has fp32's exponent range, so no loss scaling), TF32 for the fp32 ops
+    left, channels_last (the layout tensor-core convs want), the fused AdamW kernel, NCCL for DDP.
+    CPU: fp32 and gloo; channels_last as asked, else CPU_CHANNELS_LAST. compile follows the flag on both.
+    """
+    kind = device_type.type if isinstance(device_type, torch.device) else device_type
+    device = torch.device(device_type) if kind in ("cuda", "cpu") else None
+    if kind == "cuda":
+        return Runtime(device, amp_dtype=torch.bfloat16, tf32=True, channels_last=True,
+                       fused_adamw=True, compile=bool(compile_flag), ddp_backend="nccl", world=world)
+    if kind == "cpu":
+        # No autocast: this CPU's bf16 convs run 20-500x slower than fp32 (no native bf16 conv kernels).
+        return Runtime(device, amp_dtype=None, tf32=False,
+                       channels_last=CPU_CHANNELS_LAST if channels_last is None else bool(channels_last),
+                       fused_adamw=False, compile=bool(compile_flag), ddp_backend="gloo", world=world)
+    raise ValueError(f"device type must be 'cuda' or 'cpu', got {device_type!r}")
+
+
+def pick_device(flag, local_rank=0):
+    """--device flag ("cuda" | "cpu" | None: CUDA when present) -> torch.device; cuda:local_rank under torchrun.
+    The only torch.cuda query in the codebase's device logic lives here."""
+    if flag is not None and flag != "cpu" and not flag.startswith("cuda"):
+        raise SystemExit(f"--device must be cuda or cpu, got {flag!r}")
+    available = torch.cuda.is_available()
+    use_cuda = available if flag is None else flag.startswith("cuda")
+    if use_cuda and not available:
+        raise SystemExit("--device cuda was asked for but CUDA is not available; drop the flag to use the CPU")
+    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def apply_global_flags(rt):
+    """Process-wide switches: bind this process to its GPU, TF32 matmuls/convs (~free speed on Ampere+).
+    Nothing happens on the CPU."""
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)  # NCCL and bare .cuda() calls use this process's GPU
+    if rt.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(rt):
+    """The forward pass's mixed-precision context: bf16 autocast, or nothing."""
+    if rt.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
+
+
+def prepare_model(model, rt):
+    """-> (raw_model, model_to_call). Save raw_model.state_dict(): the compiled wrapper's keys carry an
+    `_orig_mod.` prefix that would break loading into a plain model; train through model_to_call (they share
+    the same parameters)."""
+    raw = model.to(rt.device)
+    if rt.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)  # 4-D conv weights to NHWC; other tensors unchanged
+    return raw, torch.compile(raw) if rt.compile else raw
+
+
+def prepare_batch(x, rt):
+    """A batch on the device, in the model's memory format."""
+    x = x.to(rt.device, non_blocking=True)
+    if rt.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # (B, C, H, W) shape, NHWC strides
+    return x
+
+
+def make_optimizer(params, lr, rt):
+    """AdamW as DDPM trains it (betas 0.9, 0.999; no weight decay); the fused kernel on CUDA."""
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=rt.fused_adamw)
