@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import ddpm
 import diffusevae as DV
+import runtime
 from checkpoint import CheckpointError, load, save_atomic
 from data import DataError, load_dataset, save_grid, to_model_range
 from unet import UNet
@@ -78,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --ckpt exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="NHWC memory format for the convs (auto: runtime.py's choice for the device)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--log_every", type=int, default=50)
@@ -117,21 +120,17 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- devices and processes
 
-def setup_distributed(device_flag):
-    """One process per device under torchrun (NCCL on GPU, gloo on CPU); a plain process otherwise."""
+def setup_distributed(args):
+    """One process per device under torchrun (NCCL on GPU, gloo on CPU); a plain process otherwise. Every
+    device-dependent speed choice comes from runtime.choose (bf16 autocast, TF32, channels_last, fused AdamW)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device_flag is None else device_flag.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available; drop the flag to use the CPU")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls/convs: ~free speed on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
+    device = runtime.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
+    rt = runtime.choose(device, args.compile, channels_last, world)
+    runtime.apply_global_flags(rt)
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
+        dist.init_process_group(rt.ddp_backend)
+    return rank, world, rt
 
 
 def step_seed(seed, rank, step):
@@ -224,8 +223,10 @@ class EMA:
 
 def main(argv=None):
     args, cfg = parse_args(argv)
-    rank, world, device = setup_distributed(args.device)
-    master = rank == 0
+    rank, world, rt = setup_distributed(args)
+    device, master = rt.device, rank == 0
+    if master:
+        print(rt.describe(), flush=True)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg["batch_size"] % world:
@@ -253,8 +254,7 @@ def main(argv=None):
         raise SystemExit(f"only {len(shard)} images per process but a per-process batch of {per_rank}: lower --batch_size")
 
     lr = cfg["vae_lr"] if args.stage == "vae" else cfg["lr"]
-    fused = device.type == "cuda"  # the fused AdamW kernel is a CUDA speed-up
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=fused)
+    opt = runtime.make_optimizer(model.parameters(), lr, rt)
     ema = EMA(model, cfg["ema_decay"])
     step, history = 0, []
     if args.resume:
@@ -277,13 +277,11 @@ def main(argv=None):
         raise SystemExit(f"error: {args.ckpt} exists. Pass --resume to continue it, or --out_dir/--ckpt for a new "
                          f"run (train.py never overwrites a trained model).")
 
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
+    raw_model, model = runtime.prepare_model(model, rt)  # raw_model is what checkpoints save (no compile prefix)
+    if vae is not None and rt.channels_last:
+        vae.to(memory_format=torch.channels_last)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if device.type == "cuda" and cfg["image_size"] >= 32:
-        raw_model.to(memory_format=torch.channels_last)  # faster convs with bf16 on tensor cores
 
     def checkpoint():
         if not master:
@@ -311,7 +309,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
 
     t_max = None if cfg["t_start"] == "full" else cfg["t_start"]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = runtime.autocast(rt)  # bf16 on CUDA; plain fp32 on the CPU (its bf16 convs are far slower)
     quartile_sum, quartile_n = torch.zeros(4, device=device), torch.zeros(4, device=device)
     window, t0, seen = [], time.time(), 0
     bar = tqdm(total=cfg["steps"], initial=step, disable=not master, desc=f"{args.stage}", dynamic_ncols=True)
@@ -320,9 +318,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(step_seed(args.seed, rank, step))
         torch.manual_seed(step_seed(args.seed, rank, step))  # t, noise, dropout, the VAE's z
         idx = torch.randint(0, len(shard), (per_rank,), generator=g)
-        x0 = to_model_range(shard[idx]).to(device, non_blocking=True)
-        if device.type == "cuda":
-            x0 = x0.contiguous(memory_format=torch.channels_last)
+        x0 = runtime.prepare_batch(to_model_range(shard[idx]), rt)
         for group in opt.param_groups:  # linear warm-up
             group["lr"] = lr * min(1.0, (step + 1) / cfg["warmup"])
         with autocast:

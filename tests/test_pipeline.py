@@ -226,7 +226,8 @@ def test_stage2_draws_z_from_the_cached_codes_of_its_vae(tmp_path, data_dir, tra
     codes = ck["codes"]  # stage 1 cached q(z|x) of its training images, tied to them by a hash
     assert codes["fingerprint"] == train.fingerprint(images)
     mu, logvar = encode_dataset(vae.eval(), images)
-    assert torch.allclose(codes["mu"], mu, atol=1e-6) and torch.allclose(codes["logvar"], logvar, atol=1e-6)
+    # stage 1 may have run its convs in another memory format (runtime.py): float32 rounds differently there
+    assert torch.allclose(codes["mu"], mu, atol=1e-5) and torch.allclose(codes["logvar"], logvar, atol=1e-5)
     vae.codes = codes
     other = images.flip(0)  # other images: the cache does not apply and they are encoded afresh
     assert torch.allclose(train.vae_codes(vae, other)[0], mu.flip(0), atol=1e-5)
