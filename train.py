@@ -409,12 +409,10 @@ def fit_prior(cfg, model, ema, images):
 
 @torch.no_grad()
 def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16):
-    """A sample grid from the EMA weights and the loss curve, next to the checkpoint."""
+    """A sample grid from the EMA weights (8 wide) and the loss curve (figures.plot_loss), next to the checkpoint."""
     import copy
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from figures import plot_loss
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(ema.state_dict(model))
     ema_model.eval()
@@ -428,16 +426,11 @@ def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16)
         x0 = DV.refine(ema_model, diffusion, x_hat0, form=args.form, steps=10, generator=g,
                        shape=(n, img_ch, cfg["image_size"], cfg["image_size"]),
                        t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"], param=cfg["param"])
-        rows = [x_hat0, x0] if x_hat0 is not None else [x0]
-    save_grid(torch.cat(rows), f"{base}_samples.png", nrow=n)
+        # rows of 8: VAE samples, then their refinements
+        rows = [t for i in range(0, n, 8) for t in (x_hat0[i:i + 8], x0[i:i + 8])] if x_hat0 is not None else [x0]
+    save_grid(torch.cat(rows), f"{base}_samples.png", nrow=8)
     if history:
-        fig, ax = plt.subplots(figsize=(5, 3))
-        s, l = zip(*history)
-        ax.plot(s, l)
-        ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.set_title(f"{args.stage} loss")
-        fig.tight_layout()
-        fig.savefig(f"{base}_loss.png", dpi=100)
-        plt.close(fig)
+        plot_loss(history, f"{base}_loss.png", f"{args.stage} loss")
 
 
 if __name__ == "__main__":

@@ -158,8 +158,9 @@ def fit_gmm(z, k=10, iters=300, tol=1e-8, reg=1e-6, generator=None):
         r = (log_p - log_lik).exp()                                               # E step, (N, k)
         nk = r.sum(0) + 1e-12
         means = (r.T @ z) / nk[:, None]                                           # M step
-        diff = z[None] - means[:, None]                                           # (k, N, d)
-        covs = torch.einsum("kn,kni,knj->kij", r.T, diff, diff) / nk[:, None, None] + reg * eye
+        # S_k = sum_n r_nk (z_n - m_k)(z_n - m_k)^T / n_k, one (d, N) @ (N, d) product per component
+        covs = torch.stack([((z - m) * r[:, j, None]).T @ (z - m) for j, m in enumerate(means)])
+        covs = covs / nk[:, None, None] + reg * eye
         prior = dict(weights=nk / n, means=means, covs=covs)
         if len(history) > 1 and history[-1] - history[-2] < tol:
             break
@@ -179,7 +180,6 @@ def sample_prior(n, z_dim, prior=None, temperature=1.0, generator=None, device="
     return means[k] + temperature * torch.einsum("nij,nj->ni", L[k], eps)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def encode_dataset(vae, images, batch_size=500):
     """q(z|x) = N(mu, diag e^logvar) of every uint8 image (N, C, S, S): (mu, logvar), each (N, z_dim) float32 on the

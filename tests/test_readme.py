@@ -1,0 +1,182 @@
+"""The README, kept honest without running anything: every `python X.py ...` (or `torchrun ... X.py ...`) it shows,
+in a ``` shell block or an inline `code span`, must get through X.py's own parse_args(argv); every tests/ path and
+tests/x.py::name it names must exist; every repo file it names (*.py, *.md, assets/*.png, markdown links) must exist.
+
+README.md is read when the tests are collected, so the checks follow it as it changes. Shell is handled only as
+far as a command line needs: `\\` continuations, `# comments`, quotes, `&&`, `||`, `|`, `;`, redirections,
+leading `VAR=value`, `time`, `do`/`then`. A command that uses a shell variable ($flags) cannot be checked without
+running the shell: it fails, naming its line, so the README writes its commands out."""
+import contextlib
+import importlib
+import io
+import os
+import re
+import shlex
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+SHELLS = {"", "bash", "sh", "shell", "console", "zsh"}  # fence languages whose lines are shell commands
+SEPARATORS = {"&&", "||", "|", ";", "&", "|&", ";;"}
+PREFIXES = {"time", "do", "then", "else", "exec", "nohup", "!", "$"}
+
+
+def read_readme():
+    with open(README, encoding="utf-8") as f:
+        return f.read()
+
+
+def code_blocks(text):
+    """(line number, line) of each line inside a ``` (or ~~~) block in a shell language, continuations joined;
+    and the text with those blocks blanked out (line numbers kept), for the inline spans."""
+    lines, found, blanked = text.split("\n"), [], []
+    fence, start, pending = None, 0, ""
+    for i, line in enumerate(lines, start=1):
+        m = re.match(r"\s*(`{3,}|~{3,})\s*([\w+-]*)", line)
+        if fence is None:
+            blanked.append("" if m else line)
+            if m:
+                fence, shell = m.group(1), m.group(2).lower() in SHELLS
+            continue
+        blanked.append("")
+        if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not line.strip(fence[0] + " "):
+            fence = None
+            continue
+        if not shell:
+            continue
+        start, pending = (start if pending else i), pending + line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        found.append((start, pending.strip()))
+        pending = ""
+    return found, "\n".join(blanked)
+
+
+def inline_spans(text):
+    """(line number, content) of each inline `code span` (single backticks; it may wrap over lines)."""
+    for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text):
+        yield text.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())
+
+
+def segments(line):
+    """The simple commands of a shell line: token lists split at && || | ; &, comments and redirections dropped."""
+    lex = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lex.whitespace_split = True  # words split at blanks and shell operators only: --models a=b/c.pt stays one
+    out, cur, tokens = [], [], list(lex)
+    skip = False
+    for tok in tokens:
+        if skip:
+            skip = False
+        elif tok in SEPARATORS:
+            out.append(cur)
+            cur = []
+        elif tok[0] in "<>" and set(tok) <= set("<>&|"):
+            skip = True  # a redirection: drop it and its target
+        else:
+            cur.append(tok)
+    return [seg for seg in out + [cur] if seg]
+
+
+def invocation(seg):
+    """(script name, argv) if the command runs `python X.py ...` / `torchrun ... X.py ...`, ("pytest", argv) for
+    `python -m pytest ...`, else None. Leading VAR=value, time, do, then are skipped."""
+    while seg and (seg[0] in PREFIXES or re.match(r"[A-Za-z_]\w*=", seg[0])):
+        seg = seg[1:]
+    if not seg:
+        return None
+    prog, rest = os.path.basename(seg[0]), seg[1:]
+    if re.fullmatch(r"python[\d.]*", prog):
+        if rest[:1] == ["-m"] and len(rest) > 1:
+            return ("pytest", rest[2:]) if rest[1] == "pytest" else None
+        rest = rest[next((i for i, t in enumerate(rest) if not t.startswith("-")), len(rest)):]  # python -u, -O
+    elif prog == "torchrun":
+        rest = rest[next((i for i, t in enumerate(rest) if t.endswith(".py")), len(rest)):]  # torchrun's own flags
+    else:
+        return None
+    if not rest or not rest[0].endswith(".py"):
+        return None
+    return rest[0], rest[1:]
+
+
+def readme_commands(text):
+    """(line number, the README's text, script, argv or an error string) of every python / torchrun command."""
+    blocks, rest = code_blocks(text)
+    for lineno, line in blocks + sorted(inline_spans(rest)):
+        try:
+            segs = segments(line)
+        except ValueError as e:  # shlex: an unclosed quote
+            yield lineno, line, None, f"the shell line cannot be split ({e})"
+            continue
+        for seg in segs:
+            found = invocation(seg)
+            if found and found[0] != "pytest":
+                yield lineno, line, found[0], found[1]
+
+
+COMMANDS = list(readme_commands(read_readme()))
+
+
+def test_the_readme_shows_commands():
+    """Guards the extraction: a README without a single python command found means the parsing above broke."""
+    assert any(script for _, _, script, _ in COMMANDS), "no `python X.py` command found in README.md"
+
+
+@pytest.mark.parametrize("lineno, line, script, argv", COMMANDS,
+                         ids=[f"line{n}-{s or 'shell'}" for n, _, s, _ in COMMANDS])
+def test_readme_command_parses(lineno, line, script, argv):
+    where = f"README.md line {lineno}: `{line}`"
+    if isinstance(argv, str):
+        pytest.fail(f"{where}: {argv}", pytrace=False)
+    path = os.path.join(ROOT, script)
+    if os.path.dirname(script) not in ("", ".") or not os.path.isfile(path):
+        pytest.fail(f"{where}: runs {script}, which is not a file at the top of the repository", pytrace=False)
+    if any("$" in a for a in argv):
+        pytest.fail(f"{where}: uses shell variables ({', '.join(a for a in argv if '$' in a)}), which this test "
+                    "cannot check: write the commands out", pytrace=False)
+    module = importlib.import_module(os.path.basename(script)[:-3])
+    if not hasattr(module, "parse_args"):
+        pytest.fail(f"{where}: {script} has no parse_args(argv) to check it with: give it one", pytrace=False)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            module.parse_args(argv)
+    except SystemExit as e:
+        if e.code not in (0, None):  # 0: --help
+            said = err.getvalue().strip().splitlines()
+            pytest.fail(f"{where}: {script}'s parser rejects it: {said[-1] if said else e}", pytrace=False)
+
+
+def test_readme_test_paths_exist():
+    """Every tests/... path and tests/x.py::name (::Class::method) the README names exists."""
+    text, missing = read_readme(), []
+    for m in re.finditer(r"(?<![\w/.-])(tests/[\w/.-]*)((?:::\w+)*)", text):
+        path, names = m.group(1).rstrip("."), [n for n in m.group(2).split("::") if n]
+        lineno = text.count("\n", 0, m.start()) + 1
+        full = os.path.join(ROOT, path)
+        if not os.path.exists(full):
+            missing.append(f"line {lineno}: {path} does not exist")
+        elif names:
+            with open(full, encoding="utf-8") as f:
+                source = f.read()
+            for name in names:
+                if not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", source, re.M):
+                    missing.append(f"line {lineno}: {path} has no test or class named {name}")
+    assert not missing, "README.md names tests that do not exist:\n" + "\n".join(missing)
+
+
+def test_readme_file_references_exist():
+    """Every repo file the README names exists: *.py and *.md mentions, assets/*.png, and relative link targets."""
+    text, missing = read_readme(), []
+    mentions = r"(?<![\w/.:~$-])((?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|md)|assets/[\w./-]+\.png)(?![\w/])"
+    links = r"\]\(\s*<?([^)\s>#]+)"  # [text](target) and ![alt](target)
+    for pattern in (mentions, links):
+        for m in re.finditer(pattern, text):
+            ref = m.group(1)
+            if re.match(r"[a-z][\w+.-]*:", ref) or ref.startswith("/"):
+                continue  # a URL (https:, mailto:) or an absolute path: not a repo file
+            if not os.path.exists(os.path.join(ROOT, ref)):
+                missing.append((text.count("\n", 0, m.start()) + 1, ref))
+    assert not missing, "README.md names files that are not in the repository:\n" + "\n".join(
+        f"line {n}: {ref}" for n, ref in sorted(set(missing)))
