@@ -1,36 +1,77 @@
-"""Benchmark DiffuseVAE's networks: training throughput, FLOPs and fraction of peak, memory, sampling latency, and
-before/after figures for the speed choices the code makes (modelled on nanoGPT's bench.py).
+"""Benchmark DiffuseVAE's networks: training throughput, FLOPs and fraction of peak, memory, sampling throughput and
+latency, and before/after figures for the speed choices the code makes (modelled on nanoGPT's bench.py).
 
-    python bench.py                  # everything but the diffusers comparison (~5 min on 2 idle CPU cores)
-    python bench.py --quick          # fewer iterations, 100- and 1000-step sampling extrapolated (< 1 min)
-    python bench.py --diffusers      # only our CIFAR-10 UNet beside diffusers' UNet2DModel (pip install diffusers)
+    python bench.py                        # every section but the diffusers comparison (~6 min on 2 idle CPU cores)
+    python bench.py --quick                # fewer iterations, 250 sampled images, 100/1000 steps extrapolated (~1 min)
+    python bench.py --only stage2 sample   # some sections: stage2 stage1 unet sample ab diffusers, or all
+    python bench.py --diffusers            # only our CIFAR-10 UNet beside diffusers' UNet2DModel (needs diffusers)
+    python bench.py --quick --iters 1      # a smoke run: one timed iteration of everything
     python bench.py --device cpu --json bench.json
     OMP_NUM_THREADS=1 python bench.py --quick      # one core
 
+Sections. stage2: train.py's stage-2 step end to end (x_hat_0 from the frozen VAE, L_DDPM, backward, clipping,
+AdamW, EMA), the encoder + decoder of every batch (train.py --no_cache) against the cached q(z|x) codes (decoder
+only), with channels_last on and off for the UNet and for the VAE. stage1: the VAE's step, contiguous against
+channels_last. unet: the UNet's step in both layouts, its share of the conv peak, and the convolution shapes that
+take its time (torch.profiler). sample: 10-step refinement of 1000 images in both layouts, and the latency of 10, 100
+and 1000 steps. ab: the EMA and attention kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel.
+
 The networks are built from train.PRESETS as train.py builds them, with random weights and random inputs in [-1, 1]
-(the speed depends on neither). A training step is train.py's: forward, backward, gradient clipping, AdamW; on CUDA
-under bf16 autocast with TF32 and channels_last, on the CPU in fp32. FLOPs are counted by torch.utils.flop_counter
-(matmuls, convolutions, attention; forward + backward; elementwise ops are not counted). Times are means after
-warm-up. Benchmarks never go in tests/: their numbers belong to a machine, not to the code.
+(the speed depends on neither); data loading is not timed. On CUDA the steps run under runtime.py's bf16 autocast
+with TF32; on the CPU in fp32. FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions, attention;
+forward + backward; elementwise ops are not counted). Machines differ (2.2x between sessions here) and jobs running
+beside the bench move it within one run, so every before/after is measured in the same run, interleaved (before,
+after, before, after, ...), each variant's figure the mean of its fastest round: compare ratios across machines;
+absolute figures are labelled with the matmul and conv peaks measured at the start. Benchmarks never go in tests/:
+their numbers belong to a machine (tests/test_bench.py only checks that the code runs and measures the same step).
 """
 import argparse
+import copy
 import json
 import math
 import os
 import resource
+import subprocess
 import sys
 import time
+from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import diffusevae as DV
-from train import EMA, PRESETS, make_unet, make_vae
+import runtime
+from train import EMA, PRESETS, make_unet, make_vae, step_seed
 
 IMG_CH = {"fashion_mnist": 1, "cifar10": 3}  # image channels of each preset's dataset
+SECTIONS = ("stage2", "stage1", "unet", "sample", "ab", "diffusers")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # diffusers is not a dependency: asked for by name only
+CL = torch.channels_last
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer iterations: a rough figure in a minute or two")
+    p.add_argument("--only", nargs="+", choices=SECTIONS + ("all",), default=None, metavar="SECTION",
+                   help=f"run these sections: {', '.join(SECTIONS)}, or all (default: all but diffusers)")
+    p.add_argument("--diffusers", action="store_true", help="only the side-by-side with diffusers' UNet2DModel "
+                                                            "(the same as --only diffusers)")
+    p.add_argument("--iters", type=int, default=None, help="every timed loop runs this many iterations, once "
+                                                           "(a smoke run; the figures are then rough)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results to PATH as JSON")
+    args = p.parse_args(argv)
+    if args.iters is not None and args.iters < 1:
+        p.error("--iters must be at least 1")
+    if args.diffusers and args.only:
+        p.error("--diffusers is --only diffusers: give one of the two")
+    args.only = (("diffusers",) if args.diffusers else DEFAULT_SECTIONS if not args.only
+                 else SECTIONS if "all" in args.only else tuple(args.only))
+    return args
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -46,6 +87,20 @@ def timeit(fn, iters, device, warmup=1):
         fn()
     sync()
     return (time.perf_counter() - t0) / iters
+
+
+def race(fns, iters, rounds, device, warmup=1):
+    """Seconds per call of each fn in the dict, timed in interleaved rounds (A, B, ..., A, B, ...) so that load
+    which comes and goes during the run hits every variant alike; each fn's figure is the mean of its fastest
+    round (of `iters` calls): the least disturbed measurement of the same work."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {k: math.inf for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            best[k] = min(best[k], timeit(fn, iters, device, warmup=0))
+    return best
 
 
 def peak_memory_mib(device, reset=False):
@@ -77,8 +132,23 @@ def measure_peaks(device):
             "conv3x3 fp32": gflops(lambda: F.conv2d(x, w, padding=1), 2 * 16 * 256 * 256 * 9 * 16 * 16)}
 
 
+def commit():
+    """The repository's short commit hash, '+dirty' when tracked files differ from it; 'unknown' outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
+
+
 def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """runtime.py's autocast for the device: bf16 on CUDA, nothing on the CPU."""
+    return runtime.autocast(runtime.choose(device.type))
 
 
 def show(title, header, rows):
@@ -91,9 +161,17 @@ def show(title, header, rows):
         print("  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]))
 
 
-def ab_row(what, before, after, before_ms, after_ms):
-    return dict(what=what, before=before, after=after, before_ms=before_ms, after_ms=after_ms,
-                speedup=before_ms / after_ms)
+def ab_row(what, before, after, before_ms, after_ms, batch=None):
+    """One before/after figure; speedup = before / after. With `batch`, also the images/s of each."""
+    row = dict(what=what, before=before, after=after, before_ms=before_ms, after_ms=after_ms,
+               speedup=before_ms / after_ms)
+    if batch is not None:
+        row.update(before_img_s=1e3 * batch / before_ms, after_img_s=1e3 * batch / after_ms)
+    return row
+
+
+AB_HEADER = ["what", "before", "after", "before ms", "after ms", "speedup"]
+AB_IMG_HEADER = AB_HEADER + ["before img/s", "after img/s"]
 
 
 # ----------------------------------------------------------------------------- the networks, as train.py builds them
@@ -111,46 +189,223 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def bench_train(kind, preset, batch, device, channels_last, iters, peak):
-    """One train.py optimisation step on a fixed random batch: time, FLOPs, % of peak, peak memory."""
-    peak_memory_mib(device, reset=True)
+def layout(channels_last):
+    return "channels_last" if channels_last else "contiguous"
+
+
+def random_images(cfg, batch, device):
+    s = cfg["image_size"]
+    return torch.rand(batch, IMG_CH[cfg["dataset"]], s, s, device=device) * 2 - 1  # (B, C, S, S) in [-1, 1]
+
+
+def t_max_of(cfg):
+    return None if cfg["t_start"] == "full" else cfg["t_start"]
+
+
+def optimise(model, opt, ema, loss, step):
+    """The end of train.py's step: backward, gradient clipping, AdamW, EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    ema.update(model, step)
+
+
+# ----------------------------------------------------------------------------- training steps
+
+def train_step(kind, preset, batch, device, channels_last):
+    """train.py's optimisation step of the VAE (stage 1) or the UNet (stage 2, x_hat_0 given) on a fixed random
+    batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update."""
     cfg = PRESETS[preset]
     model = build(kind, preset, device).train()
-    x0 = torch.rand(batch, IMG_CH[cfg["dataset"]], cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    x0 = random_images(cfg, batch, device)
     x_hat0 = (x0 + 0.1 * torch.randn_like(x0)).clamp(-1, 1)  # stands in for the frozen VAE's dec(z): not timed
     if channels_last:
-        model.to(memory_format=torch.channels_last)
-        x0, x_hat0 = (x.contiguous(memory_format=torch.channels_last) for x in (x0, x_hat0))
+        model.to(memory_format=CL)
+        x0, x_hat0 = (x.contiguous(memory_format=CL) for x in (x0, x_hat0))
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["vae_lr" if kind == "vae" else "lr"], betas=(0.9, 0.999),
-                            weight_decay=0.0, fused=device.type == "cuda")
+    opt = runtime.make_optimizer(model.parameters(), cfg["vae_lr" if kind == "vae" else "lr"],
+                                 runtime.choose(device.type))
+    ema, count = EMA(model, cfg["ema_decay"]), [0]
 
     def loss_fn():
         with autocast(device):
             if kind == "vae":
                 rec, kl, _ = model(x0)
                 return (kl - rec).mean() / x0[0].numel()  # the negative ELBO per dimension
-            return DV.ddpm_loss(model, diffusion, x0, x_hat0, form=2)[0].mean()
+            return DV.ddpm_loss(model, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"])[0].mean()
 
     def step():
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimise(model, opt, ema, loss_fn(), count[0])
+        count[0] += 1
+    return step, loss_fn, model
 
-    # the counter has no formula for the CPU's fused attention kernel: count attention as its two matmuls
+
+def count_flops(loss_fn, model):
+    """FLOPs of one forward + backward; the counter has no formula for the CPU's fused attention kernel, so
+    attention is counted as its two matmuls."""
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         loss_fn().backward()
     model.zero_grad(set_to_none=True)
-    sec, flops = timeit(step, iters, device, warmup=2), counter.get_total_flops()
-    return dict(model=f"{kind} ({preset})", batch=batch, params=n_params(model),
-                layout="channels_last" if channels_last else "contiguous", ms_per_step=1e3 * sec,
-                img_per_s=batch / sec, gflop_per_step=flops / 1e9, gflop_per_s=flops / sec / 1e9,
-                pct_of_peak=100 * flops / sec / 1e9 / peak, peak_mem_mib=peak_memory_mib(device))
+    return counter.get_total_flops()
 
 
-# ----------------------------------------------------------------------------- sampling and the A/B figures
+def bench_train(kind, preset, batch, device, iters, rounds, peak):
+    """The training step contiguous and channels_last, interleaved: time, FLOPs, % of peak, peak memory.
+    -> (a row per layout, their A/B row)."""
+    steps = {cl: train_step(kind, preset, batch, device, cl) for cl in (False, True)}
+    flops = count_flops(*steps[False][1:])
+    mem = {}
+    for cl, (step, _, _) in steps.items():  # the warm-up, and each layout's memory in a steady step
+        peak_memory_mib(device, reset=True)
+        step(), step()
+        mem[cl] = peak_memory_mib(device)
+    sec = race({cl: s[0] for cl, s in steps.items()}, iters, rounds, device, warmup=0)
+    rows = [dict(model=f"{kind} ({preset})", batch=batch, params=n_params(steps[cl][2]), layout=layout(cl),
+                 ms_per_step=1e3 * sec[cl], img_per_s=batch / sec[cl], gflop_per_step=flops / 1e9,
+                 gflop_per_s=flops / sec[cl] / 1e9, pct_of_peak=100 * flops / sec[cl] / 1e9 / peak,
+                 peak_mem_mib=mem[cl]) for cl in (False, True)]
+    name = "VAE (stage 1)" if kind == "vae" else "UNet"
+    ab = ab_row(f"{name} train step, {preset} preset, batch {batch}", "contiguous", "channels_last",
+                1e3 * sec[False], 1e3 * sec[True], batch)
+    return rows, ab
+
+
+TRAIN_HEADER = ["model", "batch", "params", "layout", "ms/step", "img/s", "GFLOP/step", "GFLOP/s", "% peak",
+                "peak MiB"]
+
+
+# ----------------------------------------------------------------------------- stage 2 end to end
+
+# name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last); the first is the "before"
+STAGE2_VARIANTS = {
+    "encoder+decoder, contiguous": (False, False, False),
+    "cached codes, contiguous": (True, False, False),
+    "cached, UNet channels_last": (True, True, False),
+    "cached, VAE channels_last": (True, False, True),
+    "cached, both channels_last": (True, True, True),
+}
+
+
+def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, seed=0):
+    """train.py's stage-2 step on a fixed random batch, as step() -> the loss: x_hat_0 from the frozen VAE (no
+    grad), L_DDPM (form 2, t <= the preset's t_start), backward, clipping, AdamW, EMA. cached: x_hat_0 = dec(z),
+    z ~ q(z|x) from codes encoded once beforehand (train.py's default); else encoder + decoder on every batch
+    (train.py --no_cache). Each step seeds torch as train.py does (step_seed), then z, t and noise are drawn in
+    train.py's order, so the two paths draw the same z, t and noise and train the same model."""
+    cfg = PRESETS[preset]
+    img_ch = IMG_CH[cfg["dataset"]]
+    torch.manual_seed(seed)  # the same weights and batch for every variant
+    vae = make_vae(cfg, img_ch).to(device).eval().requires_grad_(False)
+    unet = make_unet(cfg, img_ch, cond_ch=img_ch).to(device).train()
+    x0 = random_images(cfg, batch, device)
+    if vae_cl:
+        vae.to(memory_format=CL)
+    if unet_cl:
+        unet.to(memory_format=CL)
+        x0 = x0.contiguous(memory_format=CL)  # the batch in the UNet's layout, as runtime.prepare_batch
+    with torch.no_grad():
+        codes = vae.encode(x0)  # (mu, logvar) of q(z|x): stage 1's cache, made once, not timed
+    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
+    opt = runtime.make_optimizer(unet.parameters(), cfg["lr"], runtime.choose(device.type))
+    ema, count = EMA(unet, cfg["ema_decay"]), [0]
+
+    def step():
+        torch.manual_seed(step_seed(seed, 0, count[0]))  # z, then t and noise, as in train.py
+        with autocast(device):
+            x_hat0 = DV.condition_from_codes(vae, *codes) if cached else DV.condition_from_vae(vae, x0)
+            loss = DV.ddpm_loss(unet, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"])[0].mean()
+        optimise(unet, opt, ema, loss, count[0])
+        count[0] += 1
+        return loss.detach()
+    return step
+
+
+def bench_stage2(preset, device, iters, rounds, variants=STAGE2_VARIANTS):
+    """Stage 2 end to end, each variant against the first (the encoder on every batch, contiguous): A/B rows."""
+    batch = PRESETS[preset]["batch_size"]
+    steps = {name: stage2_step(preset, batch, device, *flags) for name, flags in variants.items()}
+    sec = race(steps, iters, rounds, device, warmup=2)  # as bench_train: AdamW's state, oneDNN's primitives
+    before, *afters = steps
+    return [ab_row(f"stage-2 step, {preset} preset, batch {batch}", before, after, 1e3 * sec[before],
+                   1e3 * sec[after], batch) for after in afters]
+
+
+# ----------------------------------------------------------------------------- where the UNet's time goes
+
+def conv_flops(op, shapes, args):
+    """(shape label, FLOPs) of one convolution from the profiler's recorded input shapes and arguments: a forward
+    conv is 2 B C_out H_out W_out (C_in / groups) k_h k_w FLOPs; its backward is one such conv for the input's
+    gradient and one for the weight's (each when asked for: the first conv's input needs none)."""
+    if op == "aten::convolution":  # (input, weight, bias, stride, padding, dilation, transposed, out_padding, groups)
+        (B, c_in, H, W), (c_out, c_g, kh, kw) = shapes[0], shapes[1]
+        stride, pad, dil = args[3], args[4], args[5]
+        h_out = (H + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
+        w_out = (W + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
+        convs = 1
+    else:  # convolution_backward(grad_out, input, weight, bias_sizes, stride, padding, dilation, ..., output_mask)
+        (B, c_out, h_out, w_out), (_, c_in, H, W), (_, c_g, kh, kw) = shapes[:3]
+        stride, mask = args[4], args[10]
+        convs = int(mask[0]) + int(mask[1])
+    label = f"{kh}x{kw}/{stride[0]} {c_in}->{c_out} @{H}x{W}"
+    return label, 2 * B * c_out * h_out * w_out * c_g * kh * kw * convs
+
+
+def conv_profile(step, device, conv_peak, steps=3, top=8):
+    """torch.profiler (record_shapes) over `steps` training steps: every aten::convolution (forward) and
+    aten::convolution_backward, grouped by shape -> (the `top` rows by time, a summary dict)."""
+    step()  # warm-up: oneDNN primitives are made on first use
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        step_ms = 1e3 * (time.perf_counter() - t0) / steps
+    groups = defaultdict(lambda: [0, 0.0, 0.0])  # (shape, pass) -> [calls, microseconds, FLOPs]
+    for e in prof.events():
+        if e.name in ("aten::convolution", "aten::convolution_backward"):
+            label, flops = conv_flops(e.name, e.input_shapes, e.concrete_inputs)
+            g = groups[label, "fwd" if e.name == "aten::convolution" else "bwd"]
+            g[0] += 1
+            g[1] += e.device_time_total if device.type == "cuda" else e.cpu_time_total
+            g[2] += flops
+    rows = [{"shape": shape, "pass": p, "calls": calls // steps, "ms_per_step": us / 1e3 / steps,
+             "gflop_per_s": flops / us / 1e3, "pct_of_conv_peak": 100 * flops / us / 1e3 / conv_peak}
+            for (shape, p), (calls, us, flops) in groups.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    conv_ms = sum(r["ms_per_step"] for r in rows)
+    conv_flops_per_step = sum(f for _, _, f in groups.values()) / steps
+    summary = dict(profiled_step_ms=step_ms, conv_ms=conv_ms, conv_share_of_step=conv_ms / step_ms,
+                   conv_gflop_per_s=conv_flops_per_step / conv_ms / 1e6,
+                   conv_pct_of_conv_peak=100 * conv_flops_per_step / conv_ms / 1e6 / conv_peak)
+    return rows[:top], summary
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def bench_sampling_ab(device, n_images, batch):
+    """10-step refinement (diffusevae.refine, form 2, from the cpu preset's t_start) of n_images in batches,
+    the same UNet and inputs contiguous and channels_last, the batches interleaved: an A/B row in images/s."""
+    cfg = PRESETS["cpu"]
+    torch.manual_seed(0)
+    net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
+    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
+    x_hat0 = vae.sample(batch, device=device)[0]
+    nets = {False: net, True: copy.deepcopy(net).to(memory_format=CL)}
+    inputs = {False: x_hat0, True: x_hat0.contiguous(memory_format=CL)}
+
+    def refine(cl, steps=10):
+        return lambda: DV.refine(nets[cl], diffusion, inputs[cl], form=2, steps=steps, t_start=cfg["t_start"],
+                                 param=cfg["param"])
+    with torch.inference_mode():
+        for cl in nets:
+            refine(cl, steps=1)()  # warm-up at the batch's shapes
+        sec = race({cl: refine(cl) for cl in nets}, 1, max(1, n_images // batch), device, warmup=0)
+    return ab_row(f"10-step refinement, {max(1, n_images // batch) * batch} images in batches of {batch}",
+                  "contiguous", "channels_last", 1e3 * sec[False], 1e3 * sec[True], batch)
+
 
 def bench_sampling(device, batch, quick, n):
     """DDIM refinement latency of the cpu-preset UNet (diffusevae.refine, Formulation 2), and A/B (a)."""
@@ -182,6 +437,8 @@ def bench_sampling(device, batch, quick, n):
     ab = [ab_row(f"(a) one denoiser call, batch {batch}", m, after, ms[m], ms[after]) for m in list(modes)[:2]]
     return rows, mem, ab
 
+
+# ----------------------------------------------------------------------------- kernels
 
 def bench_ema(preset, device, iters):
     """(b) train.EMA's one fused torch._foreach_lerp_ against one lerp_ per parameter tensor."""
@@ -220,8 +477,11 @@ def bench_attention(preset, batch, device, iters):
                   "explicit softmax", "SDPA", *ms)
 
 
-def bench_diffusers(UNet2DModel, device, batch, iters):
-    """Our canonical DDPM CIFAR-10 UNet (unconditional, dropout 0) beside diffusers' UNet2DModel, matched."""
+# ----------------------------------------------------------------------------- diffusers
+
+def bench_diffusers(UNet2DModel, device, batch, iters, rounds):
+    """Our canonical DDPM CIFAR-10 UNet (unconditional, dropout 0) beside diffusers' UNet2DModel, matched, both in
+    the same memory format (a pair of rows per layout), the four interleaved in one process on the same batch."""
     cfg = PRESETS["cifar10"]
     ours = build("ddpm", "cifar10", device, dropout=0.0)
     attn = [cfg["image_size"] // 2**i in cfg["attn_resolutions"] for i in range(len(cfg["ch_mult"]))]
@@ -235,41 +495,35 @@ def bench_diffusers(UNet2DModel, device, batch, iters):
         norm_num_groups=cfg["norm_groups"], norm_eps=1e-6, dropout=0.0,
         flip_sin_to_cos=False, freq_shift=1,  # our timestep embedding: sin then cos, exponents over half - 1
     ).to(device)
-    x = torch.rand(batch, 3, cfg["image_size"], cfg["image_size"], device=device) * 2 - 1
+    x = random_images(cfg, batch, device)
     t = torch.randint(0, cfg["T"], (batch,), device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-        for model in (ours, theirs):
-            model.to(memory_format=torch.channels_last)
-    rows = []
-    for name, model, fwd in (("ours (unet.UNet)", ours, lambda: ours(x, t)),
-                             ("diffusers UNet2DModel", theirs, lambda: theirs(x, t).sample)):
-        def fwd_bwd():
-            with autocast(device):
-                out = fwd()
-            out.float().square().mean().backward()
-            model.zero_grad(set_to_none=True)
-        sec = timeit(fwd_bwd, iters, device, warmup=2)
-        rows.append(dict(model=name, params=n_params(model), batch=batch, ms_fwd_bwd=1e3 * sec, img_per_s=batch / sec))
-    return rows
+    fns, params = {}, {}
+    for cl in (False, True):
+        xl = x.contiguous(memory_format=CL) if cl else x
+        for name, model, output in (("ours (unet.UNet)", ours, lambda out: out),
+                                    ("diffusers UNet2DModel", theirs, lambda out: out.sample)):
+            m = copy.deepcopy(model).to(memory_format=CL) if cl else model
+
+            def fwd_bwd(m=m, xl=xl, output=output):
+                with autocast(device):
+                    out = output(m(xl, t))
+                out.float().square().mean().backward()
+                m.zero_grad(set_to_none=True)
+            fns[name, cl], params[name] = fwd_bwd, n_params(model)
+    sec = race(fns, iters, rounds, device, warmup=2)
+    return [dict(model=name, layout=layout(cl), params=params[name], batch=batch, ms_fwd_bwd=1e3 * s,
+                 img_per_s=batch / s) for (name, cl), s in sec.items()]
 
 
 # ----------------------------------------------------------------------------- main
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer iterations: a rough figure in under a minute")
-    p.add_argument("--diffusers", action="store_true", help="only the side-by-side with diffusers' UNet2DModel")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results to PATH as JSON")
-    args = p.parse_args()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def main(argv=None):
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
     cuda = device.type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was asked for but CUDA is not available; drop the flag to use the CPU")
-    if cuda:  # as train.py
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.diffusers:  # not a dependency of this project: imported for this option only
+    rt = runtime.choose(device, compile_flag=False)  # train.py's choices here; bench rows name their own layout
+    runtime.apply_global_flags(rt)
+    if "diffusers" in args.only:  # not a dependency of this project: imported for this section only
         try:
             from diffusers import UNet2DModel
         except ImportError:
@@ -277,49 +531,88 @@ def main():
                              "pip install diffusers")
 
     def n(full, quick):  # iteration counts
-        return quick if args.quick else full
+        return args.iters or (quick if args.quick else full)
+    rounds = 1 if args.iters else 2 if args.quick else 3
+    rough = args.quick or args.iters
     torch.manual_seed(0)
     t_start = time.time()
 
     peaks = measure_peaks(device)
     peak = peaks["matmul bf16"] if cuda else max(peaks.values())  # training runs under bf16 autocast on CUDA
+    conv_peak = peaks.get("conv3x3 fp32", peak)
     mem_kind = ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the process (ru_maxrss, torch included), "
                 + ("reset before each row" if os.path.exists("/proc/self/clear_refs") else "the whole run's peak"))
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + (", --quick" if args.quick else ""))
-    print("peak: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()) + f"; % of peak is of {peak:.1f}")
-    out = dict(device=str(device), device_name=name, torch=torch.__version__, threads=torch.get_num_threads(),
-               quick=args.quick, peaks_gflop_per_s=peaks, peak_gflop_per_s=peak, memory=mem_kind)
+    version = commit()
+    header = f"{rt.describe()} | commit {version} | torch {torch.__version__}"  # the first line printed
+    print(header)
+    print("measured peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
+          + f"; % of peak is of {peak:.1f}" + (f" ({name})" if cuda else "")
+          + ("; --quick" if args.quick else "") + (f"; --iters {args.iters}" if args.iters else ""))
+    tag = "[" + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + " GFLOP/s]"  # labels absolute figures
+    out = dict(header=header, commit=version, runtime=rt.describe(), device=str(device), device_name=name,
+               torch=torch.__version__, threads=torch.get_num_threads(), quick=args.quick, iters=args.iters,
+               rounds=rounds, sections=list(args.only), peaks_gflop_per_s=peaks, peak_gflop_per_s=peak, memory=mem_kind)
     cifar_batch = PRESETS["cifar10"]["batch_size"] if cuda else 8  # 8 keeps the 35.7M-parameter UNet affordable
+    ab_note = "speedup = before / after; below 1: slower on this machine"
 
-    if args.diffusers:
-        rows = out["diffusers"] = bench_diffusers(UNet2DModel, device, cifar_batch, n(10, 2))
-        show("forward + backward, the DDPM CIFAR-10 UNet in a matched configuration, same batch and process",
-             ["model", "params", "batch", "ms fwd+bwd", "img/s"], rows)
-        diff = rows[1]["params"] - rows[0]["params"]
-        print("parameter counts identical: the same modules" if diff == 0 else f"parameter difference {diff:+,}: "
-              "the mapping in bench_diffusers no longer matches the preset")
-        print(f"time diffusers / ours: {rows[1]['ms_fwd_bwd'] / rows[0]['ms_fwd_bwd']:.2f}")
-    else:
-        train, ab_d = [bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, cuda, n(50, 3), peak)], []
-        unets = (("cpu", PRESETS["cpu"]["batch_size"], n(30, 3)), ("cifar10", cifar_batch, n(15, 2)))
-        for preset, batch, iters in unets:
-            by_layout = {cl: bench_train("unet", preset, batch, device, cl, iters, peak) for cl in (False, True)}
-            train.append(by_layout[cuda])  # the layout train.py uses: channels_last on CUDA only
-            ab_d.append(ab_row(f"(d) UNet train step, {preset} preset, batch {batch} (train.py: CUDA only)",
-                               "contiguous", "channels_last", *(by_layout[cl]["ms_per_step"] for cl in (False, True))))
-        show(f"training step: forward + backward + clipping + AdamW. Peak memory: {mem_kind}",
-             ["model", "batch", "params", "layout", "ms/step", "img/s", "GFLOP/step", "GFLOP/s", "% peak", "peak MiB"],
-             train)
-        sampling, mem, ab = bench_sampling(device, 64, args.quick, n)
-        show(f"DDIM refinement with the cpu-preset conditional UNet, inference_mode; peak memory {mem:.0f} MiB",
+    if "stage2" in args.only:
+        rows = out["stage2"] = bench_stage2("cpu", device, n(5, 2), rounds)
+        show(f"stage-2 step end to end (x_hat_0 from the frozen VAE + L_DDPM + backward + clip + AdamW + EMA), "
+             f"before = train.py --no_cache; {ab_note} {tag}", AB_IMG_HEADER, rows)
+    if "stage1" in args.only:
+        rows, ab = bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, n(15, 3), rounds, peak)
+        out["stage1"] = dict(rows=rows, ab=ab)
+        show(f"stage-1 (VAE) training step: forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} {tag}",
+             TRAIN_HEADER, rows)
+        show(f"stage-1 A/B ({ab_note})", AB_IMG_HEADER, [ab])
+    if "unet" in args.only:
+        rows, abs_ = [], []
+        for preset, batch, iters in (("cpu", PRESETS["cpu"]["batch_size"], n(8, 2)), ("cifar10", cifar_batch, n(4, 1))):
+            r, ab = bench_train("unet", preset, batch, device, iters, rounds, peak)
+            rows += r
+            abs_.append(ab)
+        show(f"UNet training step (x_hat_0 given): forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} "
+             f"{tag}", TRAIN_HEADER, rows)
+        show(f"UNet A/B ({ab_note})", AB_IMG_HEADER, abs_)
+        cfg = PRESETS["cpu"]
+        step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
+        convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
+        mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["layout"] == layout(rt.channels_last))
+        print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {layout(rt.channels_last)}, train.py's layout): "
+              f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "
+              f"{conv_peak:.0f}; under the profiler the convolutions take {summary['conv_ms']:.0f} of "
+              f"{summary['profiled_step_ms']:.0f} ms ({100 * summary['conv_share_of_step']:.0f}%), at "
+              f"{summary['conv_gflop_per_s']:.0f} GFLOP/s = {summary['conv_pct_of_conv_peak']:.0f}% of the conv peak")
+        show(f"the convolutions that take the UNet step's time (k x k / stride, C_in -> C_out @ input H x W; bwd = "
+             f"grad of input + weight) {tag}", ["shape", "pass", "calls", "ms/step", "GFLOP/s", "% conv peak"], convs)
+        out["unet"] = dict(rows=rows, ab=abs_, conv_profile=dict(summary, layout=layout(rt.channels_last),
+                                                                 top=convs))
+    if "sample" in args.only:
+        n_images, batch = (125, 125) if args.iters else (250, 125) if args.quick else (1000, 250)
+        ab = bench_sampling_ab(device, n_images, batch)
+        show(f"10-step sampling throughput: diffusevae.refine, cpu preset, inference_mode; {ab_note} {tag}",
+             AB_IMG_HEADER, [ab])
+        sampling, mem, ab_a = bench_sampling(device, 64, rough, n)
+        show(f"DDIM refinement latency, cpu-preset UNet, batch 64, inference_mode; peak memory {mem:.0f} MiB {tag}",
              ["steps", "batch", "s/batch", "ms/image", "how"], sampling)
-        ab += [bench_ema(p, device, n(50, 5)) for p in ("cpu", "cifar10")]
+        show(f"A/B ({ab_note})", AB_HEADER, ab_a)
+        out["sampling"] = dict(ab=ab, rows=sampling, peak_mem_mib=mem, ab_autograd=ab_a)
+    if "ab" in args.only:
+        ab = [bench_ema(p, device, n(50, 5)) for p in ("cpu", "cifar10")]
         ab += [bench_attention("cpu", 64, device, n(30, 5)), bench_attention("cifar10", cifar_batch, device, n(30, 5))]
-        show("A/B of the speed choices the code makes (speedup = before / after; below 1: slower on this machine)",
-             ["what", "before", "after", "before ms", "after ms", "speedup"], ab + ab_d)
-        out.update(train=train, sampling=dict(rows=sampling, peak_mem_mib=mem), ab=ab + ab_d)
+        show(f"A/B of kernels the code chooses ({ab_note}) {tag}", AB_HEADER, ab)
+        out["ab"] = ab
+    if "diffusers" in args.only:
+        rows = out["diffusers"] = bench_diffusers(UNet2DModel, device, cifar_batch, n(5, 2), rounds)
+        show(f"forward + backward, the DDPM CIFAR-10 UNet in a matched configuration, same batch, process and memory "
+             f"format {tag}", ["model", "layout", "params", "batch", "ms fwd+bwd", "img/s"], rows)
+        ours, theirs = rows[0]["params"], rows[1]["params"]
+        print("parameter counts identical: the same modules" if ours == theirs else f"parameter difference "
+              f"{theirs - ours:+,}: the mapping in bench_diffusers no longer matches the preset")
+        by = {(r["model"].split()[0], r["layout"]): r["ms_fwd_bwd"] for r in rows}
+        print("img/s ours / diffusers: " + ", ".join(f"{lay} {by['diffusers', lay] / by['ours', lay]:.2f}"
+                                                       for lay in ("contiguous", "channels_last")))
     print(f"\ntotal {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
