@@ -5,6 +5,8 @@
     python sample.py --mode recon                        # test images, their VAE reconstructions, refined
     python sample.py --mode interp                       # a path in z, the DDPM noise held fixed
     python sample.py --mode arith --attr 5 --base 9      # z + (mean z of class 5 - mean z of class 9)
+    python sample.py --mode control --n 50 --repeats 4   # does z decide the refined sample? class kept, distances
+    python sample.py --mode degrade --n 1000             # the refiner on test images degraded in other ways
 
 Everything needed comes from the stage-2 checkpoint (model args, EMA weights, the VAE it was trained with):
 no model flags. z comes from the ex-post prior stage 1 fitted (a Gaussian mixture over the codes of the training
@@ -27,7 +29,7 @@ from vae import VAE, sample_prior
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="a stage-2 checkpoint from train.py --stage ddpm")
-    p.add_argument("--mode", default="sample", choices=["sample", "recon", "interp", "arith"])
+    p.add_argument("--mode", default="sample", choices=["sample", "recon", "interp", "arith", "control", "degrade"])
     p.add_argument("--steps", type=int, default=10, help="denoiser calls, 1..T")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--spacing", default="uniform", choices=ddpm.SPACINGS,
@@ -54,7 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--noise_temperature", type=float, default=1.0, help="scale of the DDPM's x_T noise")
     p.add_argument("--attr", type=int, default=None, help="--mode arith: class whose mean z is added")
     p.add_argument("--base", type=int, default=None, help="--mode arith: class whose mean z is subtracted")
-    p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith")
+    p.add_argument("--repeats", type=int, default=4, help="--mode control: refinements of each z (2..64)")
+    p.add_argument("--classifier", default="runs/classifier.pt",
+                   help="--mode control/degrade: evaluate.py's classifier (class agreement, FID)")
+    p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith/degrade")
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -64,6 +69,8 @@ def parse_args(argv=None):
         p.error("--n and --batch_size must be at least 1")
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
+    if not 2 <= args.repeats <= 64:
+        p.error(f"--repeats must be between 2 and 64 (refinements per z), got {args.repeats}")
     if args.t_start not in (None, "full"):
         try:
             args.t_start = int(args.t_start)
@@ -148,7 +155,7 @@ def main(argv=None):
     except (CheckpointError, DataError, ValueError, PermissionError) as e:
         raise SystemExit(f"error: {e}")
     np.savez(f"{out}.npz", **{k: to_unit_range(v).cpu().numpy().astype(np.float32) for k, v in arrays.items()})
-    save_grid(torch.cat(rows), f"{out}.png", nrow=rows[0].shape[0] if args.mode != "sample" else 8)
+    save_grid(torch.cat(rows), f"{out}.png", nrow=8 if args.mode in ("sample", "degrade") else rows[0].shape[0])
     print(f"wrote {out}.png and {out}.npz ({', '.join(f'{k}: {tuple(v.shape)}' for k, v in arrays.items())})")
 
 
@@ -189,6 +196,10 @@ def run_mode(args, net, vae, diffusion, cfg, device):
         noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
         x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=args.n, args=args, generator=g, x_T_noise=noise)
         return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
+    if args.mode == "control":
+        return control(args, net, vae, diffusion, cfg, device, draw_z, g)
+    if args.mode == "degrade":
+        return degrade_table(args, net, vae, diffusion, cfg, device, g)
     # arith: z + s (mean z of class attr - mean z of class base), s = 0 .. 1.5, with the DDPM noise held fixed
     direction = class_mean_z(vae, cfg, args, device, args.attr) - class_mean_z(vae, cfg, args, device, args.base)
     base = draw_z(1)
@@ -197,6 +208,63 @@ def run_mode(args, net, vae, diffusion, cfg, device):
     x_hat0, x0 = generate(net, vae, diffusion, cfg, z=base + s * direction, n=args.n, args=args, generator=g,
                           x_T_noise=noise)
     return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
+
+
+def classifier_of(args, device):
+    """evaluate.py's classifier from --classifier, or a clear error saying how to make it."""
+    import evaluate as E
+    if not os.path.exists(args.classifier):
+        raise ValueError(f"no classifier at {args.classifier}: train it with python evaluate.py --train_classifier "
+                         f"(or pass --classifier PATH)")
+    return E.load_classifier(args.classifier, device)[0]
+
+
+def control(args, net, vae, diffusion, cfg, device, draw_z, g):
+    """Does z decide the refined sample? For K = --n latents and R = --repeats refinements of each (fresh DDPM noise):
+    the fraction of refinements the classifier puts in x_hat_0's class, and the RMS pixel distance between two
+    refinements of one z against two refinements of different z's. Grid: one row per z, x_hat_0 then its R."""
+    import evaluate as E
+    classifier = classifier_of(args, device)
+    K, R = args.n, args.repeats
+    z = draw_z(K)
+    x_hat0 = vae.decode(z)
+    x0 = torch.stack([generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=K, args=args, generator=g)[1]
+                      for _ in range(R)], 1)                                       # (K, R, C, H, W)
+    agree, se = E.class_agreement(classifier, x_hat0.repeat_interleave(R, 0), x0.flatten(0, 1))
+    flat = x0.flatten(2)                                                            # (K, R, D)
+    rms = torch.cdist(flat.transpose(0, 1), flat.transpose(0, 1)) / flat.shape[-1] ** 0.5  # (R, K, K): same r
+    within = torch.stack([(flat[:, i] - flat[:, j]).pow(2).mean(-1).sqrt() for i in range(R) for j in range(i)])
+    across = rms[:, ~torch.eye(K, dtype=torch.bool, device=rms.device)]
+    print(f"control through z: K = {K} latents x R = {R} refinements; classifier keeps x_hat_0's class in "
+          f"{agree:.1%} ± {se:.1%} (chance ~10%); RMS pixel distance within one z {within.mean():.3f}, "
+          f"across z's {across.mean():.3f}")
+    rows = [torch.cat([x_hat0[k:k + 1], x0[k]]) for k in range(min(K, 8))]
+    return rows, {"vae": x_hat0, "x0": x0}
+
+
+def degrade_table(args, net, vae, diffusion, cfg, device, g):
+    """The refiner handed test images degraded in ways it never saw (degrade.py), and the VAE's own reconstructions
+    for reference: FID and PSNR of each input and of its refinement against the clean test images. Prints a table;
+    grid: clean, then degraded and refined rows for each kind (8 images)."""
+    import degrade as D
+    import evaluate as E
+    classifier = classifier_of(args, device)
+    images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=net.config["image_size"])
+    x = to_model_range(images[: args.n]).to(device)
+    ref = E.extract_features(classifier, to_model_range(images).to(device))
+    inputs = {"vae recon": vae.decode(vae.encode(x)[0])}
+    inputs.update({name: f(x, generator=g) for name, f in D.DEGRADATIONS.items()})
+    lines = [f"| input (N = {len(x)}) | FID in | FID refined | PSNR in (dB) | PSNR refined (dB) |", "|---|---|---|---|---|"]
+    rows, arrays = [x[:8]], {"data": x}
+    for name, x_in in inputs.items():
+        x0 = generate(net, vae, diffusion, cfg, x_hat0=x_in, n=len(x), args=args, generator=g)[1]
+        fid_in, fid_out = (E.fid_from_features(E.extract_features(classifier, a), ref) for a in (x_in, x0))
+        lines.append(f"| {D.LABELS.get(name, name)} | {fid_in:.1f} | {fid_out:.1f} | {D.psnr(x_in, x).mean():.2f} | "
+                     f"{D.psnr(x0, x).mean():.2f} |")
+        rows += [x_in[:8], x0[:8]]
+        arrays[name.replace(" ", "_") + "_in"], arrays[name.replace(" ", "_") + "_refined"] = x_in, x0
+    print("\n".join(lines))
+    return rows, arrays
 
 
 if __name__ == "__main__":

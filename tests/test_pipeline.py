@@ -237,3 +237,25 @@ def test_stage2_draws_z_from_the_cached_codes_of_its_vae(tmp_path, data_dir, tra
     train.main([*common, "--ckpt", str(tmp_path / "encoded.pt"), "--no_cache"])
     a, b = load(str(tmp_path / "cached.pt"))["history"], load(str(tmp_path / "encoded.pt"))["history"]
     assert len(a) == len(b) == 1 and a[0][1] == pytest.approx(b[0][1], rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["control", "degrade"])
+def test_control_and_degrade_modes_report_their_measurements(trained, data_dir, tmp_path, capsys, mode):
+    import evaluate as E
+    classifier = str(tmp_path / "classifier.pt")
+    E.save_classifier(E.FeatureNet(width=8, feature_dim=16), 0.5, classifier)  # tiny and untrained: no training run
+    out = str(tmp_path / mode)
+    with pytest.raises(SystemExit, match="no classifier"):
+        sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--mode", mode, "--n", "4", "--steps", "2",
+                     "--data_dir", data_dir, "--out", out, "--classifier", str(tmp_path / "missing.pt")])
+    sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--mode", mode, "--n", "4", "--steps", "2",
+                 "--repeats", "3", "--data_dir", data_dir, "--out", out, "--classifier", classifier])
+    printed, arrays = capsys.readouterr().out, np.load(out + ".npz")
+    if mode == "control":
+        assert arrays["x0"].shape == (4, 3, 1, 32, 32) and "within one z" in printed and "across z's" in printed
+    else:  # every degradation and the VAE reconstruction get a table row and their arrays
+        import degrade
+        assert all(degrade.LABELS[k] in printed for k in degrade.DEGRADATIONS) and "vae recon" in printed
+        assert arrays["noise0.3_in"].shape == arrays["noise0.3_refined"].shape == (4, 1, 32, 32)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--mode", "control", "--repeats", "1"])
