@@ -105,11 +105,28 @@ def eps_from_output(param, diffusion, out, chain_t, t, x_hat0):
     raise ValueError(f"unknown parameterisation {param!r}: choose one of {PARAMETERISATIONS}")
 
 
-def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None, param="eps"):
+def null_condition(x_hat0):
+    """The fixed input that stands for 'no x_hat_0' in classifier-free guidance: zeros, mid-grey in [-1, 1]."""
+    return torch.zeros_like(x_hat0)
+
+
+def drop_condition(x_hat0, p):
+    """The denoiser's conditioning input when training for guidance: each example's x_hat_0 replaced by the null
+    input with probability p (Ho & Salimans 2022), so one network learns eps(x_t, x_hat_0) and eps(x_t, null)."""
+    if p == 0:
+        return x_hat0
+    keep = torch.rand(x_hat0.shape[0], device=x_hat0.device) >= p
+    return torch.where(keep.reshape(-1, *[1] * (x_hat0.dim() - 1)), x_hat0, null_condition(x_hat0))
+
+
+def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None, param="eps",
+              cond_drop=0.0):
     """L_DDPM with dropped weights (DDPM eq. 14, Algorithm 1), per example (B,): the mean squared error of the
     network's output against training_target (for param = eps: the noise of the forward draw). The denoiser sees
     x_t and x_hat_0. t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start
-    (refine) is only ever called at t <= t_start, so training it there spends every example where it is used."""
+    (refine) is only ever called at t <= t_start, so training it there spends every example where it is used.
+    cond_drop: the probability that the denoiser sees the null input instead of x_hat_0 (drop_condition; the
+    forward process, and in form 2 its shift, still use x_hat_0)."""
     if param == "residual" and x_hat0 is None:
         raise ValueError("the residual parameterisation predicts x_0 - x_hat_0: it needs x_hat_0 (not --cond none)")
     if t is None:
@@ -118,7 +135,8 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
     target = training_target(param, diffusion, x0, x_hat0, t, noise)
-    return loss_simple(eps_model(x_t, t, x_hat0), target), t
+    cond = drop_condition(x_hat0, cond_drop) if x_hat0 is not None else None
+    return loss_simple(eps_model(x_t, t, cond), target), t
 
 
 @torch.no_grad()
@@ -145,18 +163,26 @@ def joint_loss(vae, eps_model, diffusion, x0, form=1):
     return l_vae + l_ddpm, l_vae, l_ddpm
 
 
-def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps"):
+def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=0.0):
     """eps_theta as ddpm.py's samplers and bound call it, eps_fn(x, t), on a standard DDPM chain.
     Form 1 (and the unconditional baseline, x_hat_0 = None): the chain is x_t itself.
     Form 2: the chain is y_t = x_t - x_hat_0 (a standard DDPM chain with y_0 = x_0), so eps_fn(y, t) =
     eps_theta(y + x_hat_0, t, x_hat_0). A network trained for another `param` is converted (eps_from_output;
-    `diffusion` is then the original T-step process, whose code indices t the samplers pass)."""
+    `diffusion` is then the original T-step process, whose code indices t the samplers pass).
+    guidance w > 0 (classifier-free guidance on x_hat_0, for a network trained with cond_drop > 0):
+    eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null), the eps of the sharpened p(x_hat_0 | x_t)^w p(x_t | x_hat_0)."""
     if form not in (1, 2) or (form == 2 and x_hat0 is None):
         raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
+    if guidance < 0 or (guidance > 0 and x_hat0 is None):
+        raise ValueError(f"guidance must be >= 0 and needs an x_hat_0 to guide by, got {guidance}")
     shift = x_hat0 if form == 2 else 0
-    if param == "eps":
-        return lambda x, t: eps_model(x + shift, t, x_hat0)
-    return lambda x, t: eps_from_output(param, diffusion, eps_model(x + shift, t, x_hat0), x, t, x_hat0)
+
+    def eps_given(x, t, cond):
+        return eps_from_output(param, diffusion, eps_model(x + shift, t, cond), x, t, x_hat0)
+    if guidance == 0:
+        return lambda x, t: eps_given(x, t, x_hat0)
+    null = null_condition(x_hat0)
+    return lambda x, t: (1 + guidance) * eps_given(x, t, x_hat0) - guidance * eps_given(x, t, null)
 
 
 @torch.no_grad()
@@ -197,7 +223,7 @@ def truncated_start(diffusion, x_hat0, t_start, noise):
 @torch.no_grad()
 def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
            shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True,
-           spacing="uniform", t_start=None, raw_eps=False, param="eps"):
+           spacing="uniform", t_start=None, raw_eps=False, param="eps", guidance=0.0):
     """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
@@ -214,8 +240,9 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
     by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
     `raw_eps` keeps the network's eps after clipping (DDIM; ddpm.sample). `spacing` picks which `steps`
     timesteps the sampler visits (ddpm.ddim_timesteps). `param`: what the network predicts (training_target).
+    `guidance`: classifier-free guidance weight w on x_hat_0 (chain_eps_fn).
     """
-    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param, guidance)
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
     noise = x_T_noise if x_T_noise is not None else torch.randn(
         ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)

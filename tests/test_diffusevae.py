@@ -315,3 +315,44 @@ def test_residual_model_that_outputs_zero_returns_x_hat0(diff, form, t_start):
     assert torch.allclose(out, x_hat0, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="needs x_hat_0"):
         DV.ddpm_loss(lambda x, t, c: x, diff, x_hat0, None, form=1, param="residual")
+
+
+def test_condition_dropout_replaces_x_hat0_by_the_null_input_at_its_rate():
+    torch.manual_seed(0)
+    x_hat0 = torch.rand(20000, 1, 2, 2) + 0.5                     # never zero: a dropped row is recognisable
+    assert DV.drop_condition(x_hat0, 0.0) is x_hat0
+    out = DV.drop_condition(x_hat0, 0.2)
+    dropped = (out == 0).flatten(1).all(1)
+    kept = (out == x_hat0).flatten(1).all(1)
+    assert (dropped ^ kept).all()                                # each example is either null or untouched
+    assert abs(dropped.float().mean().item() - 0.2) < 4 * math.sqrt(0.2 * 0.8 / 20000)
+    assert (DV.drop_condition(x_hat0, 1.0) == 0).all()
+
+
+@pytest.mark.parametrize("form", [1, 2])
+def test_guidance_zero_is_the_conditional_model_and_the_null_path_never_sees_x_hat0(diff, form):
+    g = torch.Generator().manual_seed(1)
+    x_hat0 = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y, t = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64), torch.tensor([5, 100, 300])
+    conds = []
+
+    def model(x, tt, cond):  # a network whose output depends on its conditioning input
+        conds.append(cond)
+        return 0.3 * x + cond.sin() + tt.double().reshape(-1, 1, 1, 1) / 1000
+    plain = DV.chain_eps_fn(model, x_hat0, form)(y, t)
+    assert len(conds) == 1 and conds[0] is x_hat0
+    conds.clear()
+    assert torch.equal(DV.chain_eps_fn(model, x_hat0, form, guidance=0.0)(y, t), plain)  # w = 0: exactly it
+    w = 1.5
+    conds.clear()
+    guided = DV.chain_eps_fn(model, x_hat0, form, guidance=w)(y, t)
+    assert len(conds) == 2 and conds[0] is x_hat0 and (conds[1] == 0).all()  # the second call gets the null input
+    null_eps = model(y + (x_hat0 if form == 2 else 0), t, torch.zeros_like(x_hat0))
+    assert torch.allclose(guided, (1 + w) * plain - w * null_eps, atol=1e-12)
+    # in form 1 the null branch's output does not depend on x_hat_0 at all
+    if form == 1:
+        out = DV.chain_eps_fn(model, x_hat0, 1, guidance=w)(y, t)
+        grad = torch.autograd.grad((out - (1 + w) * plain.detach()).sum(), x_hat0, allow_unused=True)[0]
+        assert torch.allclose(grad, (1 + w) * x_hat0.cos(), atol=1e-12)  # only the conditional branch's dependence
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        DV.chain_eps_fn(model, x_hat0, form, guidance=-1.0)
