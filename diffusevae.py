@@ -120,7 +120,7 @@ def drop_condition(x_hat0, p):
 
 
 def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None, param="eps",
-              cond_drop=0.0):
+              cond_drop=0.0, z=None):
     """L_DDPM with dropped weights (DDPM eq. 14, Algorithm 1), per example (B,): the mean squared error of the
     network's output against training_target (for param = eps: the noise of the forward draw). The denoiser sees
     x_t and x_hat_0. t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start
@@ -136,7 +136,8 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
     x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
     target = training_target(param, diffusion, x0, x_hat0, t, noise)
     cond = drop_condition(x_hat0, cond_drop) if x_hat0 is not None else None
-    return loss_simple(eps_model(x_t, t, cond), target), t
+    out = eps_model(x_t, t, cond) if z is None else eps_model(x_t, t, cond, z=z)  # z: a z-conditioned UNet
+    return loss_simple(out, target), t
 
 
 @torch.no_grad()
@@ -163,14 +164,15 @@ def joint_loss(vae, eps_model, diffusion, x0, form=1):
     return l_vae + l_ddpm, l_vae, l_ddpm
 
 
-def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=0.0):
+def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=0.0, z=None):
     """eps_theta as ddpm.py's samplers and bound call it, eps_fn(x, t), on a standard DDPM chain.
     Form 1 (and the unconditional baseline, x_hat_0 = None): the chain is x_t itself.
     Form 2: the chain is y_t = x_t - x_hat_0 (a standard DDPM chain with y_0 = x_0), so eps_fn(y, t) =
     eps_theta(y + x_hat_0, t, x_hat_0). A network trained for another `param` is converted (eps_from_output;
     `diffusion` is then the original T-step process, whose code indices t the samplers pass).
     guidance w > 0 (classifier-free guidance on x_hat_0, for a network trained with cond_drop > 0):
-    eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null), the eps of the sharpened p(x_hat_0 | x_t)^w p(x_t | x_hat_0)."""
+    eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null), the eps of the sharpened p(x_hat_0 | x_t)^w p(x_t | x_hat_0).
+    z: the latent, for a z-conditioned network (unet.py z_dim > 0)."""
     if form not in (1, 2) or (form == 2 and x_hat0 is None):
         raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
     if guidance < 0 or (guidance > 0 and x_hat0 is None):
@@ -178,7 +180,8 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
     shift = x_hat0 if form == 2 else 0
 
     def eps_given(x, t, cond):
-        return eps_from_output(param, diffusion, eps_model(x + shift, t, cond), x, t, x_hat0)
+        out = eps_model(x + shift, t, cond) if z is None else eps_model(x + shift, t, cond, z=z)
+        return eps_from_output(param, diffusion, out, x, t, x_hat0)
     if guidance == 0:
         return lambda x, t: eps_given(x, t, x_hat0)
     null = null_condition(x_hat0)
@@ -223,7 +226,7 @@ def truncated_start(diffusion, x_hat0, t_start, noise):
 @torch.no_grad()
 def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
            shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True,
-           spacing="uniform", t_start=None, raw_eps=False, param="eps", guidance=0.0):
+           spacing="uniform", t_start=None, raw_eps=False, param="eps", guidance=0.0, z=None):
     """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
@@ -240,9 +243,9 @@ def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0
     by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
     `raw_eps` keeps the network's eps after clipping (DDIM; ddpm.sample). `spacing` picks which `steps`
     timesteps the sampler visits (ddpm.ddim_timesteps). `param`: what the network predicts (training_target).
-    `guidance`: classifier-free guidance weight w on x_hat_0 (chain_eps_fn).
+    `guidance`: classifier-free guidance weight w on x_hat_0 (chain_eps_fn); `z`: for a z-conditioned network.
     """
-    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param, guidance)
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param, guidance, z)
     ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
     noise = x_T_noise if x_T_noise is not None else torch.randn(
         ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)

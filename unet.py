@@ -126,13 +126,16 @@ class UNet(nn.Module):
     Up path: per level num_res_blocks + 1 ResBlocks, each eating concat(h, skip stack pop), then an Upsample except
     at the top level. Out: GroupNorm -> SiLU -> zero-initialised 3x3 conv to img_ch channels.
     Attention follows each ResBlock whose resolution is in attn_resolutions.
+    z_dim > 0 conditions on the VAE's latent z too (DiffuseVAE's official code offers it): a linear embedding of z
+    is added to the timestep embedding, so every ResBlock sees it (off by default: the paper's model sees z only
+    through x_hat_0 = dec(z)).
     Note: GroupNorm with as many groups as channels normalises each channel alone, which subtracts the
     per-channel timestep shift W SiLU(temb) right after it is added; so small widths (ch = 32) want
     norm_groups = 8, while DDPM's 32 groups are the default (the canonical model is unchanged).
     """
 
     def __init__(self, img_ch=1, cond_ch=0, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, image_size=32, norm_groups=32):
+                 attn_resolutions=(16,), dropout=0.1, image_size=32, norm_groups=32, z_dim=0):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         resolutions = [image_size // 2 ** i for i in range(len(ch_mult))]
@@ -148,15 +151,20 @@ class UNet(nn.Module):
                              f"got {image_size}")
         if any(r not in resolutions for r in attn_resolutions):
             raise ValueError(f"attn_resolutions {attn_resolutions} must be among the UNet's resolutions {resolutions}")
+        if z_dim < 0:
+            raise ValueError(f"z_dim must be >= 0 (0: no z-conditioning), got {z_dim}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.config = dict(img_ch=img_ch, cond_ch=cond_ch, ch=ch, ch_mult=list(ch_mult),
                            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
                            dropout=float(dropout), image_size=image_size, norm_groups=norm_groups)
+        if z_dim:  # only when used, so checkpoints of the plain model keep their exact model_args
+            self.config["z_dim"] = z_dim
         g = norm_groups
         temb_ch = 4 * ch
         # timestep MLP: (B, ch) sinusoid -> (B, 4ch)
         self.temb = nn.Sequential(_init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch)))
+        self.z_emb = _init(nn.Linear(z_dim, temb_ch)) if z_dim else None  # (B, z_dim) -> (B, 4ch), added to temb
         self.conv_in = conv(img_ch + cond_ch, ch)                   # (B, img_ch + cond_ch, S, S) -> (B, ch, S, S)
 
         skip_chs, c = [ch], ch  # channels of every tensor pushed on the skip stack
@@ -193,13 +201,18 @@ class UNet(nn.Module):
             got = None if cond is None else tuple(cond.shape)
             raise ValueError(f"this UNet needs cond of shape (B, {cfg['cond_ch']}, H, W) matching x, got {got}")
 
-    def forward(self, x, t, cond=None):
-        """x: (B, img_ch, H, W) noisy image x_t; t: (B,) long code indices; cond: (B, cond_ch, H, W) or None.
-        Returns (B, img_ch, H, W), the predicted noise eps_theta."""
+    def forward(self, x, t, cond=None, z=None):
+        """x: (B, img_ch, H, W) noisy image x_t; t: (B,) long code indices; cond: (B, cond_ch, H, W) or None;
+        z: (B, z_dim) for a z-conditioned UNet, else None. Returns (B, img_ch, H, W), the predicted noise eps_theta."""
         self._check_inputs(x, t, cond)
+        if (self.z_emb is None) != (z is None):
+            raise ValueError(f"this UNet takes z of shape (B, {self.config.get('z_dim', 0)}) "
+                             f"{'and none was given' if z is None else 'never: it has z_dim = 0'}")
         if cond is not None:
             x = torch.cat([x, cond], dim=1)                         # (B, img_ch + cond_ch, H, W)
         temb = self.temb(timestep_embedding(t, self.config["ch"]).to(x.dtype))  # (B, ch) -> (B, 4ch)
+        if z is not None:
+            temb = temb + self.z_emb(z.to(x.dtype))                 # (B, z_dim) -> (B, 4ch)
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer(hs[-1], temb))

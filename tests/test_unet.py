@@ -167,3 +167,22 @@ def test_one_channel_per_group_erases_the_timestep_shift_and_fewer_groups_keep_i
         torch.nn.init.normal_(block.conv2.weight)  # undo the zero init so the branch shows
         same = torch.allclose(block(x, temb_a), block(x, temb_b), rtol=0, atol=1e-9)
         assert same == ignores_t
+
+
+def test_z_conditioning_is_off_by_default_and_changes_the_output_through_the_time_embedding():
+    torch.manual_seed(0)
+    plain = UNet(**SMALL)
+    assert "z_dim" not in plain.config and plain.z_emb is None  # the paper's model: z only through x_hat_0
+    m = unzero(UNet(**SMALL, z_dim=5)).eval()
+    x, t = torch.randn(2, SMALL["img_ch"], 16, 16), torch.tensor([3, 700])
+    cond = torch.randn(2, SMALL["cond_ch"], 16, 16) if SMALL["cond_ch"] else None
+    z = torch.randn(2, 5)
+    with torch.no_grad():
+        a, b = m(x, t, cond, z=z), m(x, t, cond, z=z + 1)
+        m.z_emb.weight.zero_()  # with a zero embedding z has no effect: it enters only through temb
+        c, d = m(x, t, cond, z=z), m(x, t, cond, z=z + 1)
+    assert not torch.allclose(a, b) and torch.equal(c, d)
+    with pytest.raises(ValueError, match="z of shape"):
+        m(x, t, cond)
+    with pytest.raises(ValueError, match="never"):
+        plain(x, t, cond, z=z)
