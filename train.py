@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -118,11 +119,34 @@ def parse_args(argv=None):
     return args, cfg
 
 
+# ----------------------------------------------------------------------------- the run, stage by stage
+
+def main(argv=None):
+    """One stage, in the order of the functions below: processes, data, models, training state, loop, finish."""
+    args, cfg = parse_args(argv)
+    rank, world, rt = setup(args, cfg)
+    try:
+        images = load_data(args, cfg)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        model, vae, diffusion = build(args, cfg, images.shape[1], rt.device)
+    except (DataError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    shard, codes = shard_data(args, cfg, images, vae, rank, world)
+    state = make_training_state(args, cfg, model, vae, rt, master=rank == 0)
+    model = prepare(state, vae, rt, world)  # what the loop calls: compiled and/or DDP-wrapped; state.model is raw
+    stop = catch_signals()
+    train_loop(args, cfg, rt, rank, world, model, state, vae, diffusion, shard, codes, stop)
+    finish(args, cfg, rt, rank, world, state, vae, images, stop)
+    if stop["signal"]:
+        sys.exit(128 + stop["signal"])
+
+
 # ----------------------------------------------------------------------------- devices and processes
 
-def setup_distributed(args):
+def setup(args, cfg):
     """One process per device under torchrun (NCCL on GPU, gloo on CPU); a plain process otherwise. Every
-    device-dependent speed choice comes from runtime.choose (bf16 autocast, TF32, channels_last, fused AdamW)."""
+    device-dependent speed choice comes from runtime.choose (bf16 autocast, TF32, channels_last, fused AdamW).
+    Rank 0 prints the choices and makes the output folder."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = runtime.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
     channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
@@ -130,12 +154,61 @@ def setup_distributed(args):
     runtime.apply_global_flags(rt)
     if world > 1:
         dist.init_process_group(rt.ddp_backend)
+    master = rank == 0
+    if master:
+        print(rt.describe(), flush=True)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if cfg["batch_size"] % world:
+        raise SystemExit(f"--batch_size {cfg['batch_size']} must be divisible by the {world} processes")
+    if master:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"error: cannot write to {os.path.dirname(args.ckpt)} ({e.strerror}); choose a writable --out_dir")
     return rank, world, rt
 
 
-def step_seed(seed, rank, step):
-    """Every step's randomness (batch, t, noise, dropout) comes from this seed: resuming is exact."""
-    return (seed * 1_000_003 + rank * 10_007 + step) % (2 ** 63)
+# ----------------------------------------------------------------------------- data
+
+def load_data(args, cfg):
+    """The training images, uint8 (N, C, H, W) (data.py); --subset keeps the first N."""
+    images, _ = load_dataset(cfg["dataset"], args.data_dir, split="train", image_size=cfg["image_size"])
+    if args.subset:
+        images = images[: args.subset]
+    return images
+
+
+def fingerprint(images):
+    """A hash of the uint8 training images: ties a cache of their codes to exactly these images."""
+    return hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def vae_codes(vae, images, master=True):
+    """(mu, logvar) of q(z|x) for every training image: from the VAE checkpoint when stage 1 cached them for these
+    images (the cache lives in vae.pt, so it always belongs to that VAE), else encoded once here."""
+    cached = getattr(vae, "codes", None)
+    if cached is not None and cached["fingerprint"] == fingerprint(images):
+        return cached["mu"], cached["logvar"]
+    t0 = time.time()
+    codes = encode_dataset(vae, images)
+    if master:
+        why = "was made for other images" if cached is not None else "has no cache of q(z|x)"
+        print(f"the VAE checkpoint {why}: encoded the {len(images)} training images once ({time.time() - t0:.0f} s)",
+              flush=True)
+    return codes
+
+
+def shard_data(args, cfg, images, vae, rank, world):
+    """This process's slice of the training images and, in stage 2, of their codes under the frozen encoder."""
+    shard = images[rank::world]  # per-rank data sharding: each process sees its own slice
+    codes = None
+    if vae is not None and not args.no_cache:  # the frozen encoder's q(z|x), once, instead of every batch
+        codes = tuple(c[rank::world] for c in vae_codes(vae, images, rank == 0))
+    per_rank = cfg["batch_size"] // world
+    if len(shard) < per_rank:
+        raise SystemExit(f"only {len(shard)} images per process but a per-process batch of {per_rank}: lower --batch_size")
+    return shard, codes
 
 
 # ----------------------------------------------------------------------------- models
@@ -174,28 +247,12 @@ def build(args, cfg, img_ch, device):
     return net, vae, diffusion
 
 
-def fingerprint(images):
-    """A hash of the uint8 training images: ties a cache of their codes to exactly these images."""
-    return hashlib.sha1(images.contiguous().numpy().tobytes()).hexdigest()
-
-
-def vae_codes(vae, images, master=True):
-    """(mu, logvar) of q(z|x) for every training image: from the VAE checkpoint when stage 1 cached them for these
-    images (the cache lives in vae.pt, so it always belongs to that VAE), else encoded once here."""
-    cached = getattr(vae, "codes", None)
-    if cached is not None and cached["fingerprint"] == fingerprint(images):
-        return cached["mu"], cached["logvar"]
-    t0 = time.time()
-    codes = encode_dataset(vae, images)
-    if master:
-        why = "was made for other images" if cached is not None else "has no cache of q(z|x)"
-        print(f"the VAE checkpoint {why}: encoded the {len(images)} training images once ({time.time() - t0:.0f} s)",
-              flush=True)
-    return codes
-
+# ----------------------------------------------------------------------------- the training state
 
 class EMA:
-    """Exponential moving average of the weights, theta_ema <- d theta_ema + (1 - d) theta (Polyak averaging)."""
+    """Exponential moving average of the weights, theta_ema <- d theta_ema + (1 - d) theta (Polyak averaging).
+    Kept over torch.optim.swa_utils.AveragedModel: the fused `_foreach_lerp_` update measured 1.2x faster on the
+    CPU UNet (bench.py), and the warm-up of the decay is one line."""
 
     def __init__(self, model, decay):
         self.decay = decay
@@ -219,44 +276,24 @@ class EMA:
             t.copy_(state[n])
 
 
-# ----------------------------------------------------------------------------- the loop
+@dataclass
+class TrainState:
+    """What training changes and a checkpoint saves: the raw model (no compile or DDP wrapper), its EMA, the
+    optimizer, the step and the loss history; lr is the peak learning rate the warm-up ramps to."""
+    model: torch.nn.Module
+    ema: EMA
+    opt: torch.optim.Optimizer
+    lr: float
+    step: int = 0
+    history: list = field(default_factory=list)
 
-def main(argv=None):
-    args, cfg = parse_args(argv)
-    rank, world, rt = setup_distributed(args)
-    device, master = rt.device, rank == 0
-    if master:
-        print(rt.describe(), flush=True)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-    if cfg["batch_size"] % world:
-        raise SystemExit(f"--batch_size {cfg['batch_size']} must be divisible by the {world} processes")
-    per_rank = cfg["batch_size"] // world
-    if master:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(args.ckpt)), exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"error: cannot write to {os.path.dirname(args.ckpt)} ({e.strerror}); choose a writable --out_dir")
 
-    try:
-        images, _ = load_dataset(cfg["dataset"], args.data_dir, split="train", image_size=cfg["image_size"])
-        if args.subset:
-            images = images[: args.subset]
-        torch.manual_seed(args.seed)  # identical initial weights on every rank
-        model, vae, diffusion = build(args, cfg, images.shape[1], device)
-    except (DataError, CheckpointError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    shard = images[rank::world]  # per-rank data sharding: each process sees its own slice
-    codes = None
-    if vae is not None and not args.no_cache:  # the frozen encoder's q(z|x), once, instead of every batch
-        codes = tuple(c[rank::world] for c in vae_codes(vae, images, master))
-    if len(shard) < per_rank:
-        raise SystemExit(f"only {len(shard)} images per process but a per-process batch of {per_rank}: lower --batch_size")
-
+def make_training_state(args, cfg, model, vae, rt, master):
+    """AdamW (runtime.make_optimizer) and the EMA from step 0, or with --resume everything from args.ckpt;
+    a new run never overwrites an existing checkpoint."""
     lr = cfg["vae_lr"] if args.stage == "vae" else cfg["lr"]
     opt = runtime.make_optimizer(model.parameters(), lr, rt)
-    ema = EMA(model, cfg["ema_decay"])
-    step, history = 0, []
+    state = TrainState(model, EMA(model, cfg["ema_decay"]), opt, lr)
     if args.resume:
         try:
             ck = load(args.ckpt, stage=args.stage, hint="Drop --resume to start a new run.")
@@ -266,9 +303,9 @@ def main(argv=None):
             raise SystemExit(f"error: {args.ckpt} holds a model with {ck['model_args']}, but this run builds "
                              f"{model.config}: resume with the same --preset and flags")
         model.load_state_dict(ck["model"])
-        ema.load_state_dict(model, ck["ema"])
+        state.ema.load_state_dict(model, ck["ema"])
         opt.load_state_dict(ck["optimizer"])
-        step, history = ck["step"], [tuple(h) for h in ck["history"]]
+        state.step, state.history = ck["step"], [tuple(h) for h in ck["history"]]
         if vae is not None and "vae" in ck and any(not torch.equal(v.cpu(), ck["vae"]["ema"][k])
                                                    for k, v in vae.state_dict().items()):
             raise SystemExit(f"error: the VAE in {args.vae_ckpt} is not the one {args.ckpt} was trained with; "
@@ -276,72 +313,87 @@ def main(argv=None):
     elif master and os.path.exists(args.ckpt):
         raise SystemExit(f"error: {args.ckpt} exists. Pass --resume to continue it, or --out_dir/--ckpt for a new "
                          f"run (train.py never overwrites a trained model).")
+    return state
 
-    raw_model, model = runtime.prepare_model(model, rt)  # raw_model is what checkpoints save (no compile prefix)
+
+def prepare(state, vae, rt, world):
+    """The model the loop calls: in the device's memory format and compiled if asked (runtime.prepare_model),
+    wrapped in DDP when there are several processes. state.model stays the raw module checkpoints save."""
+    state.model, model = runtime.prepare_model(state.model, rt)  # raw: no compile prefix in the saved keys
     if vae is not None and rt.channels_last:
         vae.to(memory_format=torch.channels_last)
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return model
 
-    def checkpoint():
-        if not master:
-            return
-        bad = [n for n, p in raw_model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise SystemExit(f"error: weights became non-finite ({bad[0]}...) at step {step}; "
-                             f"the last good checkpoint {args.ckpt} is kept")
-        ck = dict(stage=args.stage, model_args=raw_model.config, config=dict(cfg, form=args.form, cond=args.cond,
-                  seed=args.seed, dataset=cfg["dataset"], world=world), model=raw_model.state_dict(),
-                  ema=ema.state_dict(raw_model), optimizer=opt.state_dict(), step=step, history=history)
-        if vae is not None:
-            ck["vae"] = dict(model_args=vae.config, ema={k: v.cpu() for k, v in vae.state_dict().items()},
-                             prior=vae.prior)
-        if args.stage == "vae" and prior is not None:
-            ck["prior"], ck["codes"] = prior, codes
-        save_atomic(ck, args.ckpt)
 
-    prior = None  # stage 1 fits it once training is done (a resumed run refits it for its new weights)
+# ----------------------------------------------------------------------------- the loop
+
+def catch_signals():
+    """Ctrl-C / SIGTERM set stop["signal"]: the loop finishes its step, saves, and the run exits 128 + signal."""
     stop = {"signal": None}
 
     def on_signal(signum, frame):
         stop["signal"] = signum  # finish the current step, save, exit
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    return stop
 
+
+def step_seed(seed, rank, step):
+    """Every step's randomness (batch, t, noise, dropout) comes from this seed: resuming is exact."""
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2 ** 63)
+
+
+def train_step(args, cfg, rt, rank, model, state, vae, diffusion, shard, codes, t_max, autocast):
+    """One optimisation step on a fresh batch: the negative ELBO (stage 1) or L_DDPM (stage 2), backward,
+    gradient clipping, AdamW, EMA. Returns the mean loss and, in stage 2, the per-image losses and their t."""
+    per_rank = cfg["batch_size"] // rt.world
+    g = torch.Generator().manual_seed(step_seed(args.seed, rank, state.step))
+    torch.manual_seed(step_seed(args.seed, rank, state.step))  # t, noise, dropout, the VAE's z
+    idx = torch.randint(0, len(shard), (per_rank,), generator=g)
+    x0 = runtime.prepare_batch(to_model_range(shard[idx]), rt)
+    # linear warm-up: two lines, clearer here than LambdaLR, and exact on resume because it is a function of the step
+    for group in state.opt.param_groups:
+        group["lr"] = state.lr * min(1.0, (state.step + 1) / cfg["warmup"])
+    losses = t = None
+    with autocast:
+        if args.stage == "vae":
+            rec, kl, _ = model(x0)  # through the DDP/compile wrapper, so gradients are all-reduced
+            loss = (kl - rec).mean() / x0[0].numel()  # negative ELBO, nats per dimension (vae.py)
+        else:
+            if vae is None:
+                x_hat0 = None
+            elif codes is not None:
+                x_hat0 = DV.condition_from_codes(vae, *(c[idx].to(rt.device) for c in codes))
+            else:
+                x_hat0 = DV.condition_from_vae(vae, x0)
+            losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max, param=cfg["param"])
+            loss = losses.mean()
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    state.opt.step()
+    state.ema.update(state.model, state.step)
+    state.step += 1
+    return loss, losses, t
+
+
+def train_loop(args, cfg, rt, rank, world, model, state, vae, diffusion, shard, codes, stop):
+    """Steps until cfg["steps"] or a signal: the loss on the tqdm bar every --log_every steps (stage 2 also by
+    timestep quartile), a checkpoint every ckpt_every, pictures every sample_every."""
+    master, device = rank == 0, rt.device
     t_max = None if cfg["t_start"] == "full" else cfg["t_start"]
     autocast = runtime.autocast(rt)  # bf16 on CUDA; plain fp32 on the CPU (its bf16 convs are far slower)
     quartile_sum, quartile_n = torch.zeros(4, device=device), torch.zeros(4, device=device)
     window, t0, seen = [], time.time(), 0
-    bar = tqdm(total=cfg["steps"], initial=step, disable=not master, desc=f"{args.stage}", dynamic_ncols=True)
+    bar = tqdm(total=cfg["steps"], initial=state.step, disable=not master, desc=f"{args.stage}", dynamic_ncols=True)
     model.train()
-    while step < cfg["steps"]:
-        g = torch.Generator().manual_seed(step_seed(args.seed, rank, step))
-        torch.manual_seed(step_seed(args.seed, rank, step))  # t, noise, dropout, the VAE's z
-        idx = torch.randint(0, len(shard), (per_rank,), generator=g)
-        x0 = runtime.prepare_batch(to_model_range(shard[idx]), rt)
-        for group in opt.param_groups:  # linear warm-up
-            group["lr"] = lr * min(1.0, (step + 1) / cfg["warmup"])
-        with autocast:
-            if args.stage == "vae":
-                rec, kl, _ = model(x0)  # through the DDP/compile wrapper, so gradients are all-reduced
-                loss = (kl - rec).mean() / x0[0].numel()  # negative ELBO, nats per dimension (vae.py)
-            else:
-                if vae is None:
-                    x_hat0 = None
-                elif codes is not None:
-                    x_hat0 = DV.condition_from_codes(vae, *(c[idx].to(device) for c in codes))
-                else:
-                    x_hat0 = DV.condition_from_vae(vae, x0)
-                losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max,
-                                         param=cfg["param"])
-                loss = losses.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema.update(raw_model, step)
-        step += 1
-        seen += per_rank * world
+    while state.step < cfg["steps"]:
+        loss, losses, t = train_step(args, cfg, rt, rank, model, state, vae, diffusion, shard, codes, t_max, autocast)
+        step = state.step
+        seen += cfg["batch_size"]
         window.append(loss.detach())
         if args.stage == "ddpm":  # loss by timestep quartile: shows where the model is weak
             q = (t * 4) // (diffusion.T if t_max is None else t_max + 1)
@@ -353,7 +405,7 @@ def main(argv=None):
             if not math.isfinite(mean_loss):
                 raise SystemExit(f"error: loss is {mean_loss} at step {step}; stopping. The last good checkpoint "
                                  f"{args.ckpt} is kept; lower --lr or check the data.")
-            history.append((step, mean_loss))
+            state.history.append((step, mean_loss))
             ips = seen / (time.time() - t0)
             bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
             bar.update(args.log_every if step % args.log_every == 0 else step % args.log_every)
@@ -365,31 +417,58 @@ def main(argv=None):
             flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop["signal"] = stop["signal"] or (signal.SIGTERM if flag.item() else None)
-        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop["signal"]:
-            checkpoint()
+        if master and (step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop["signal"]):
+            checkpoint(args, cfg, world, state, vae)
         if master and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
-            write_pictures(args, cfg, raw_model, ema, vae, diffusion, history, device)
+            write_pictures(args, cfg, state.model, state.ema, vae, diffusion, state.history, device)
         if stop["signal"]:
             if master:
                 bar.write(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved to {args.ckpt}")
             break
     bar.close()
-    if master and step >= cfg["steps"] and not stop["signal"]:  # also refreshes a finished run given --resume
+
+
+# ----------------------------------------------------------------------------- saving and finishing
+
+def checkpoint(args, cfg, world, state, vae, prior=None, codes=None):
+    """Rank 0 writes the run's one checkpoint (checkpoint.py, atomic), refusing non-finite weights. Stage 2 stores
+    the frozen VAE it trained with; stage 1's last checkpoint stores the ex-post prior and the codes q(z|x)."""
+    bad = [n for n, p in state.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise SystemExit(f"error: weights became non-finite ({bad[0]}...) at step {state.step}; "
+                         f"the last good checkpoint {args.ckpt} is kept")
+    model = state.model  # the raw module: no compile or DDP prefix in the saved keys
+    ck = dict(stage=args.stage, model_args=model.config, config=dict(cfg, form=args.form, cond=args.cond,
+              seed=args.seed, dataset=cfg["dataset"], world=world), model=model.state_dict(),
+              ema=state.ema.state_dict(model), optimizer=state.opt.state_dict(), step=state.step,
+              history=state.history)
+    if vae is not None:
+        ck["vae"] = dict(model_args=vae.config, ema={k: v.cpu() for k, v in vae.state_dict().items()},
+                         prior=vae.prior)
+    if args.stage == "vae" and prior is not None:
+        ck["prior"], ck["codes"] = prior, codes
+    save_atomic(ck, args.ckpt)
+
+
+def finish(args, cfg, rt, rank, world, state, vae, images, stop):
+    """After the last step rank 0 writes the final checkpoint (stage 1 first fits the ex-post prior); under DDP the
+    replicas are checked once, exactly, to be identical."""
+    master = rank == 0
+    if master and state.step >= cfg["steps"] and not stop["signal"]:  # also refreshes a finished run given --resume
+        prior = codes = None
         if args.stage == "vae":
-            prior, codes = fit_prior(cfg, raw_model, ema, images)
-        checkpoint()
+            prior, codes = fit_prior(cfg, state.model, state.ema, images)
+        checkpoint(args, cfg, world, state, vae, prior, codes)
     if world > 1:  # DDP keeps the replicas in lock-step; check it once, exactly, against rank 0
-        flat = torch.cat([p.detach().flatten() for p in raw_model.parameters()])
+        flat = torch.cat([p.detach().flatten() for p in state.model.parameters()])
         ref = flat.clone()
         dist.broadcast(ref, 0)
-        differ = torch.tensor([0.0 if torch.equal(ref, flat) else 1.0], device=device)
+        differ = torch.tensor([0.0 if torch.equal(ref, flat) else 1.0], device=rt.device)
         dist.all_reduce(differ)
         if master:
             print(f"ranks {'DIFFER' if differ.item() else 'agree'}: weights "
                   f"{'not ' if differ.item() else ''}identical on {world} processes", flush=True)
         dist.destroy_process_group()
-    if stop["signal"]:
-        sys.exit(128 + stop["signal"])
 
 
 def fit_prior(cfg, model, ema, images):
