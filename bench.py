@@ -313,7 +313,7 @@ def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, seed
     def step():
         torch.manual_seed(step_seed(seed, 0, count[0]))  # z, then t and noise, as in train.py
         with autocast(device):
-            x_hat0 = DV.condition_from_codes(vae, *codes) if cached else DV.condition_from_vae(vae, x0)
+            x_hat0 = (DV.condition_from_codes(vae, *codes) if cached else DV.condition_from_vae(vae, x0))[0]
             loss = DV.ddpm_loss(unet, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"])[0].mean()
         optimise(unet, opt, ema, loss, count[0])
         count[0] += 1

@@ -142,14 +142,16 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
 
 @torch.no_grad()
 def condition_from_vae(vae, x0):
-    """x_hat_0 = dec(z), z ~ q(z|x_0): the stage-2 training condition from the frozen VAE ([DiffuseVAE])."""
+    """(x_hat_0, z): x_hat_0 = dec(z), z ~ q(z|x_0), the stage-2 training condition from the frozen VAE
+    ([DiffuseVAE]); z too, for a z-conditioned UNet."""
     return condition_from_codes(vae, *vae.encode(x0))
 
 
 @torch.no_grad()
 def condition_from_codes(vae, mu, logvar):
     """The same from q(z|x_0) = N(mu, diag e^logvar) given (vae.encode_dataset's cache: only the decoder runs)."""
-    return vae.decode(reparameterize(mu, logvar))
+    z = reparameterize(mu, logvar)
+    return vae.decode(z), z
 
 
 def joint_loss(vae, eps_model, diffusion, x0, form=1):

@@ -113,13 +113,15 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
     device = next(net.parameters()).device
     if x_hat0 is None and vae is not None:
         x_hat0 = vae.decode(z)
+    if net.config.get("z_dim") and z is None:  # a z-conditioned refiner handed an image: its encoder mean
+        z = vae.encode(x_hat0)[0]
     size = net.config["image_size"]
     x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=args.steps, sampler=args.sampler, eta=args.eta,
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
                    clip_x0=not args.no_clip, spacing=args.spacing, raw_eps=args.raw_eps,
                    t_start=start_of(args, cfg, x_hat0, diffusion), param=cfg.get("param", "eps"),
-                   guidance=args.guidance)
+                   guidance=args.guidance, z=z if net.config.get("z_dim") else None)
     return x_hat0, x0.clamp(-1, 1)
 
 

@@ -35,15 +35,18 @@ from vae import VAE, encode_dataset, fit_expost_prior
 # "cifar10" / "celeba64" carry the DiffuseVAE paper's settings (its official configs) for GPUs.
 PRESETS = {
     "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
-                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10, param="eps",
+                vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10,
+                param="eps", cond_drop=0.0, z_cond=False,
                 ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
                 schedule="linear", T=1000, t_start=300, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
-                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10, param="eps",
+                    vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10,
+                    param="eps", cond_drop=0.0, z_cond=False,
                     ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
                     schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
-                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10, param="eps",
+                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10,
+                     param="eps", cond_drop=0.0, z_cond=False,
                      ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
                      schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
 }
@@ -71,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--param", default=None, choices=DV.PARAMETERISATIONS,
                    help="what the stage-2 network predicts: eps (DDPM), x0, residual x_0 - x_hat_0, or v "
                         "(default: the preset's; diffusevae.training_target)")
+    p.add_argument("--cond_drop", type=float, default=None,
+                   help="probability in [0, 1) of training on the null input instead of x_hat_0, so that sample.py "
+                        "--guidance can be used (classifier-free guidance; default: the preset's, 0)")
+    p.add_argument("--z_cond", action="store_true",
+                   help="also condition the UNet on the VAE's latent z (unet.py z_dim; off by default)")
     p.add_argument("--prior_k", type=int, default=None,
                    help="components of the ex-post prior fitted after stage 1 (default: the preset's); "
                         "refit a finished VAE with --stage vae --resume --prior_k K")
@@ -108,11 +116,17 @@ def parse_args(argv=None):
         args.t_start = "full"
     if args.cond == "none" and args.param == "residual":
         p.error("--param residual predicts x_0 - x_hat_0: the unconditional baseline (--cond none) has no x_hat_0")
-    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start", "param"):
+    if args.cond_drop is not None and not 0 <= args.cond_drop < 1:
+        p.error(f"--cond_drop must be in [0, 1) (the fraction of examples trained without x_hat_0), got {args.cond_drop}")
+    if args.cond == "none" and (args.cond_drop or args.z_cond):
+        p.error("--cond_drop and --z_cond condition on the VAE: the unconditional baseline (--cond none) has none")
+    for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start", "param",
+                "cond_drop"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.stage == "vae" and args.lr is not None:
         cfg["vae_lr"] = args.lr
+    cfg["z_cond"] = cfg["z_cond"] or args.z_cond
     cfg["steps"] = args.steps or cfg[f"{args.stage}_steps"]
     args.ckpt = args.ckpt or os.path.join(args.out_dir, f"{args.stage}.pt")
     args.vae_ckpt = args.vae_ckpt or os.path.join(args.out_dir, "vae.pt")
@@ -218,12 +232,13 @@ def make_vae(cfg, img_ch):
     return VAE(img_ch=img_ch, image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"])
 
 
-def make_unet(cfg, img_ch, cond_ch, dropout=None):
-    """The preset's UNet (random weights); cond_ch = img_ch for DiffuseVAE, 0 for the unconditional DDPM."""
+def make_unet(cfg, img_ch, cond_ch, dropout=None, z_dim=0):
+    """The preset's UNet (random weights); cond_ch = img_ch for DiffuseVAE, 0 for the unconditional DDPM;
+    z_dim > 0 for a z-conditioned refiner (--z_cond)."""
     return UNet(img_ch=img_ch, cond_ch=cond_ch, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
                 num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
                 dropout=cfg["dropout"] if dropout is None else dropout, image_size=cfg["image_size"],
-                norm_groups=cfg["norm_groups"])
+                norm_groups=cfg["norm_groups"], z_dim=z_dim)
 
 
 def build(args, cfg, img_ch, device):
@@ -242,7 +257,8 @@ def build(args, cfg, img_ch, device):
         if vae.config["img_ch"] != img_ch or vae.config["image_size"] != cfg["image_size"]:
             raise CheckpointError(f"the VAE in {args.vae_ckpt} makes {vae.config['img_ch']}x{vae.config['image_size']}"
                                   f" images, but dataset {cfg['dataset']} has {img_ch}x{cfg['image_size']}")
-    net = make_unet(cfg, img_ch, cond_ch=img_ch if vae is not None else 0).to(device)
+    net = make_unet(cfg, img_ch, cond_ch=img_ch if vae is not None else 0,
+                    z_dim=vae.z_dim if cfg["z_cond"] else 0).to(device)
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     return net, vae, diffusion
 
@@ -364,12 +380,13 @@ def train_step(args, cfg, rt, rank, model, state, vae, diffusion, shard, codes, 
             loss = (kl - rec).mean() / x0[0].numel()  # negative ELBO, nats per dimension (vae.py)
         else:
             if vae is None:
-                x_hat0 = None
+                x_hat0 = z = None
             elif codes is not None:
-                x_hat0 = DV.condition_from_codes(vae, *(c[idx].to(rt.device) for c in codes))
+                x_hat0, z = DV.condition_from_codes(vae, *(c[idx].to(rt.device) for c in codes))
             else:
-                x_hat0 = DV.condition_from_vae(vae, x0)
-            losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max, param=cfg["param"])
+                x_hat0, z = DV.condition_from_vae(vae, x0)
+            losses, t = DV.ddpm_loss(model, diffusion, x0, x_hat0, form=args.form, t_max=t_max, param=cfg["param"],
+                                     cond_drop=cfg["cond_drop"], z=z if cfg["z_cond"] else None)
             loss = losses.mean()
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -500,11 +517,12 @@ def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16)
     if args.stage == "vae":
         rows = [ema_model.sample(n, generator=g, device=device)[0]]
     else:
-        x_hat0 = vae.sample(n, generator=g, device=device)[0] if vae is not None else None
+        x_hat0, z = vae.sample(n, generator=g, device=device) if vae is not None else (None, None)
         img_ch = ema_model.config["img_ch"]
         x0 = DV.refine(ema_model, diffusion, x_hat0, form=args.form, steps=10, generator=g,
                        shape=(n, img_ch, cfg["image_size"], cfg["image_size"]),
-                       t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"], param=cfg["param"])
+                       t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"], param=cfg["param"],
+                       z=z if cfg["z_cond"] else None)
         # rows of 8: VAE samples, then their refinements
         rows = [t for i in range(0, n, 8) for t in (x_hat0[i:i + 8], x0[i:i + 8])] if x_hat0 is not None else [x0]
     save_grid(torch.cat(rows), f"{base}_samples.png", nrow=8)

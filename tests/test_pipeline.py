@@ -259,3 +259,22 @@ def test_control_and_degrade_modes_report_their_measurements(trained, data_dir, 
         assert arrays["noise0.3_in"].shape == arrays["noise0.3_refined"].shape == (4, 1, 32, 32)
     with pytest.raises(SystemExit):
         sample.parse_args(["--mode", "control", "--repeats", "1"])
+
+
+def test_guidance_and_z_conditioning_train_and_sample(tmp_path, data_dir, trained):
+    ck = str(tmp_path / "cfg.pt")
+    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", trained, "--ckpt", ck, "--steps", "2",
+                "--cond_drop", "0.5", "--z_cond", *TINY])
+    saved = load(ck)
+    assert saved["config"]["cond_drop"] == 0.5 and saved["model_args"]["z_dim"] == load(
+        os.path.join(trained, "vae.pt"))["model_args"]["z_dim"]
+    for mode in ("sample", "recon"):
+        sample.main(["--ckpt", ck, "--mode", mode, "--steps", "2", "--n", "2", "--guidance", "1.0",
+                     "--data_dir", data_dir, "--out", str(tmp_path / mode)])
+        assert np.load(str(tmp_path / mode) + ".npz")["x0"].shape == (2, 1, 32, 32)
+    with pytest.raises(SystemExit, match="cond_drop"):  # guidance on a model that never learnt the null input
+        sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--steps", "2", "--n", "2", "--guidance", "1",
+                     "--out", str(tmp_path / "x")])
+    for bad in (["--cond_drop", "1.0"], ["--cond_drop", "-0.1"], ["--cond", "none", "--z_cond"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--stage", "ddpm", *bad])
