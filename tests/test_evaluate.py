@@ -216,6 +216,21 @@ def test_augment_moves_pixels_and_keeps_the_image():
     assert not torch.equal(out, x)
 
 
+def test_blur_augment_blurs_a_fraction_p_each_with_one_of_its_sigmas():
+    from degrade import gaussian_blur
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 1, 12, 12, generator=g) * 2 - 1
+    sigmas = (0.5, 1.5)
+    y = ev.blur_augment(x, torch.Generator().manual_seed(1), p=0.3, sigmas=sigmas)
+    candidates = torch.stack([x] + [gaussian_blur(x, s) for s in sigmas])        # (3, N, 1, 12, 12)
+    err = (candidates - y).flatten(2).abs().amax(2)                                # (3, N)
+    assert (err.min(0).values < 1e-6).all()                                        # every output is one of them
+    blurred = (err[0] > 1e-6).float().mean().item()
+    se = (0.3 * 0.7 / len(x)) ** 0.5
+    assert abs(blurred - 0.3) < 4 * se                                             # Bernoulli(p): a few SE
+    assert torch.equal(ev.blur_augment(x, g, p=0.0), x)
+
+
 def test_extract_features_uses_eval_mode_so_batching_does_not_matter():
     torch.manual_seed(0)
     model = ev.FeatureNet(width=8).train()
