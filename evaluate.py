@@ -13,6 +13,7 @@ CLI also prints a floor: real training images vs the test set, with the same N a
     python evaluate.py --train_classifier    # ~5 min on one CPU core, 91.2% test accuracy
     python evaluate.py --samples out/samples.npz --n 10000
     python evaluate.py --bpd runs/fashion/ddpm.pt --n 100    # the variational bound in bits/dim (diffusevae.bound_bpd)
+    python evaluate.py --recon runs/fashion/vae.pt            # accuracy on test images and their reconstructions
 
 When a sample file holds both the VAE's x_hat_0 ("vae") and its refinement ("x0"), the CLI also prints how often
 the classifier puts the two in the same class: does the refiner keep the garment the VAE drew, or change it?
@@ -336,6 +337,28 @@ def evaluate(model, samples, data_dir=None):
     return dict(samples=scores, floor=floor, agreement=agreement)
 
 
+def reconstruction_agreement(model, vae, x, y, batch_size=500):
+    """The ceiling of the agreement figure: the classifier's accuracy on images x (labels y) and on their VAE
+    reconstructions dec(mu(x)), and how often it gives an image and its reconstruction the same class. A refiner
+    that returned each x exactly from its reconstruction would score this agreement, not 100%."""
+    with torch.inference_mode():
+        recon = torch.cat([vae.decode(vae.encode(x[i:i + batch_size])[0]).clamp(-1, 1)
+                           for i in range(0, len(x), batch_size)])
+    return dict(acc_data=(predict(model, x) == y).double().mean().item(),
+                acc_recon=(predict(model, recon) == y).double().mean().item(),
+                agree=class_agreement(model, x, recon)[0], n=len(x))
+
+
+def load_vae(path):
+    """The EMA VAE of a stage-1 checkpoint, in eval mode."""
+    from checkpoint import load
+    from vae import VAE
+    ck = load(path, stage="vae", hint="Train one with: python train.py --stage vae")
+    vae = VAE(**ck["model_args"])
+    vae.load_state_dict(ck["ema"])
+    return vae.eval()
+
+
 def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0):
     """The bound of diffusevae.bound_bpd on the first n Fashion-MNIST test images: mean and standard error."""
     from diffusevae import bound_bpd
@@ -367,9 +390,11 @@ def parse_args(argv=None):
     p.add_argument("--train_classifier", action="store_true", help="(re)train and cache the classifier")
     p.add_argument("--bpd", metavar="CKPT", help="the variational bound in bits/dim of a stage-2 checkpoint on the "
                    "first --n test images (default 100; T network calls per image: ~1 min per 100 on 2 CPU cores)")
+    p.add_argument("--recon", metavar="VAE_CKPT", help="the classifier on the first --n test images (default all) and "
+                   "on their reconstructions by this stage-1 checkpoint: the ceiling of the class-agreement figure")
     args = p.parse_args(argv)
-    if not (args.samples or args.train_classifier or args.bpd):
-        p.error("give --samples, --train_classifier and/or --bpd")
+    if not (args.samples or args.train_classifier or args.bpd or args.recon):
+        p.error("give --samples, --train_classifier, --bpd and/or --recon")
     return args
 
 
@@ -391,6 +416,11 @@ def main(argv=None):
         print(f"classifier {args.classifier}: Fashion-MNIST test accuracy {acc:.2%}")
         if samples:
             evaluate(model, samples, args.data_dir)
+        if args.recon:
+            x, y = _load_real("test", args.data_dir)
+            r = reconstruction_agreement(model, load_vae(args.recon), x[:args.n], y[:args.n])
+            print(f"{args.recon}, {r['n']} test images: classifier accuracy {r['acc_data']:.1%} on the images, "
+                  f"{r['acc_recon']:.1%} on their reconstructions; the same class for both: {r['agree']:.1%}")
     except (SamplesError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -379,3 +379,22 @@ def test_parse_args_dry_parses_and_rejects_a_command_with_nothing_to_do():
     assert (args.samples, args.n, args.key, args.classifier) == ("s.npz", 500, None, "runs/classifier.pt")
     with pytest.raises(SystemExit):
         ev.parse_args(["--n", "500"])
+
+
+def test_reconstruction_agreement_counts_accuracy_on_both_and_their_agreement():
+    class MoveClassZero:  # a stand-in VAE: reconstructs every image exactly but those of class 0, moved to class 1
+        def encode(self, x):
+            return x, None
+
+        def decode(self, z):
+            out = z.clone()
+            zero = out[:, 0, 0, 0] < -0.9                       # NearestLevel: class 0 is level -1
+            out[zero, :, 0, 0] += 2 / 9                          # the next level
+            return out
+
+    gen = torch.Generator().manual_seed(0)
+    labels = [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+    x, y = images_of_class(labels, gen), torch.tensor(labels)
+    y[9] = 0  # one image the classifier gets wrong
+    got = ev.reconstruction_agreement(NearestLevel(), MoveClassZero(), x, y, batch_size=4)
+    assert got == dict(acc_data=0.9, acc_recon=pytest.approx(0.7), agree=0.8, n=10)
