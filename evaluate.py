@@ -10,16 +10,17 @@ FID is biased at finite N: for two N-sets from one distribution with d-dim featu
 feature variance, not 0 (tests/test_evaluate.py derives the exact second-order term); KID is unbiased. So the
 CLI also prints a floor: real training images vs the test set, with the same N as the samples.
 
-    python evaluate.py --train_classifier    # ~5 min on one CPU core, 91.2% test accuracy
+    python evaluate.py --train_classifier    # both classifiers, ~5 min each on one CPU core, ~91% test accuracy
     python evaluate.py --samples out/samples.npz --n 10000
     python evaluate.py --bpd runs/fashion/ddpm.pt --n 100    # the variational bound in bits/dim (diffusevae.bound_bpd)
     python evaluate.py --recon runs/fashion/vae.pt            # accuracy on test images and their reconstructions
 
 When a sample file holds both the VAE's x_hat_0 ("vae") and its refinement ("x0"), the CLI also prints how often
-the classifier puts the two in the same class: does the refiner keep the garment the VAE drew, or change it?
-The classifier is trained on sharp and blurred images (blur_augment), so that it can judge a blurry x_hat_0 at all.
-Even so, a test image and the default VAE's reconstruction of it get the same class only ~87% of the time, nearly
-all the rest being coat/pullover/shirt/T-shirt, which blur makes alike (RESULTS.md, "The metric").
+a second classifier, the judge, puts the two in the same class: does the refiner keep the garment the VAE drew?
+The judge is trained on sharp and blurred images (blur_augment), so that it can name the class of a blurry x_hat_0
+at all; FID/KID keep the features of the one trained on sharp images, which tell blur from detail. Even so, a test
+image and the default VAE's reconstruction of it get the same class only ~86% of the time, nearly all the rest
+being coat/pullover/shirt/T-shirt, which blur makes alike (RESULTS.md, "The metric").
 
 Images: the classifier reads [-1, 1]; sample files hold [0, 1] and are converted here, in load_samples.
 """
@@ -38,6 +39,10 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, save_atomic
 
 SAMPLE_KEYS = ("x0", "vae")  # sample.py: the DiffuseVAE / DDPM output, and the VAE's own x_hat_0
+# Two classifiers, one architecture: FID/KID features from one trained on sharp images (its features tell blur from
+# detail, as a sample-quality metric must), class agreement from one also trained on blurred images (it can name
+# the class of a blurry x_hat_0).
+FEATURES, JUDGE, JUDGE_BLUR = "runs/classifier.pt", "runs/classifier_blur.pt", 0.5
 
 
 class SamplesError(ValueError):
@@ -135,9 +140,10 @@ def _load_real(split, data_dir=None):
     return to_model_range(images), labels
 
 
-def train_classifier(data_dir=None, steps=1200, batch_size=128, lr=2e-3, seed=0, device="cpu"):
+def train_classifier(data_dir=None, steps=1200, batch_size=128, lr=2e-3, seed=0, device="cpu", blur=0.0):
     """Train FeatureNet on the Fashion-MNIST train split; returns (model, test accuracy).
-    AdamW, linear warm-up then cosine decay; 1200 steps of 128 are 2.6 epochs; flips, shifts and blur_augment."""
+    AdamW, linear warm-up then cosine decay; 1200 steps of 128 are 2.6 epochs; flips, shifts, and with blur > 0
+    blur_augment of that fraction of each batch (the judge of class agreement)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     x, y = _load_real("train", data_dir)
@@ -150,7 +156,10 @@ def train_classifier(data_dir=None, steps=1200, batch_size=128, lr=2e-3, seed=0,
     for step in pbar:
         model.train()
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        loss = train_step(model, opt, blur_augment(augment(x[idx], gen), gen).to(device), y[idx].to(device))
+        xb = augment(x[idx], gen)
+        if blur > 0:
+            xb = blur_augment(xb, gen, p=blur)
+        loss = train_step(model, opt, xb.to(device), y[idx].to(device))
         sched.step()
         if step % 50 == 0:
             pbar.set_postfix(loss=f"{loss:.3f}")
@@ -158,10 +167,10 @@ def train_classifier(data_dir=None, steps=1200, batch_size=128, lr=2e-3, seed=0,
     return model, accuracy(model, x_test.to(device), y_test.to(device))
 
 
-def save_classifier(model, test_accuracy, path):
-    """Write plain data {"state_dict", "config" (FeatureNet's arguments), "test_accuracy"}, atomically."""
+def save_classifier(model, test_accuracy, path, blur=0.0):
+    """Write plain data {"state_dict", "config" (FeatureNet's arguments), "test_accuracy", "blur"}, atomically."""
     save_atomic({"state_dict": model.state_dict(), "config": dict(model.config),
-                 "test_accuracy": float(test_accuracy)}, path)
+                 "test_accuracy": float(test_accuracy), "blur": float(blur)}, path)
 
 
 def load_classifier(path, device="cpu"):
@@ -172,13 +181,14 @@ def load_classifier(path, device="cpu"):
     return model.eval(), ckpt["test_accuracy"]
 
 
-def load_or_train_classifier(path="runs/classifier.pt", data_dir=None, device="cpu", retrain=False):
-    """The cached classifier at `path`, trained and saved first if absent (or if retrain)."""
+def load_or_train_classifier(path=FEATURES, data_dir=None, device="cpu", retrain=False, blur=0.0):
+    """The cached classifier at `path`, trained and saved first if absent (or if retrain); blur: see train_classifier
+    (JUDGE_BLUR for the judge of class agreement)."""
     if os.path.exists(path) and not retrain:
         return load_classifier(path, device)
     t0 = time.time()
-    model, acc = train_classifier(data_dir=data_dir, device=device)
-    save_classifier(model, acc, path)
+    model, acc = train_classifier(data_dir=data_dir, device=device, blur=blur)
+    save_classifier(model, acc, path, blur=blur)
     print(f"trained the classifier in {time.time() - t0:.0f} s, test accuracy {acc:.2%}; saved {path}")
     return model.eval(), acc
 
@@ -316,10 +326,11 @@ def class_agreement(model, a, b, batch_size=500):
     return p, math.sqrt(p * (1 - p) / len(a))
 
 
-def evaluate(model, samples, data_dir=None):
+def evaluate(model, samples, data_dir=None, judge=None):
     """Print FID and KID of each image set in `samples` ({name: (N, 1, 32, 32) in [-1, 1]}) vs the Fashion-MNIST
     test set, then of the first N real training images vs the test set: the floor (same N: FID's bias depends on N).
-    If `samples` holds both "vae" (x_hat_0) and "x0" (its refinement), also print their class agreement.
+    If `samples` holds both "vae" (x_hat_0) and "x0" (its refinement), also print their class agreement by `judge`
+    (default: model).
 
     Returns what it printed: {"samples": {name: {"n", "fid", "kid", "kid_std"}}, "floor": {the same},
     "agreement": {"p", "se", "n"} or None}."""
@@ -331,7 +342,7 @@ def evaluate(model, samples, data_dir=None):
     floor = _report(f"floor: real train[:{n}]", extract_features(model, _load_real("train", data_dir)[0][:n]), ref)
     agreement = None
     if "vae" in samples and "x0" in samples:
-        p, se = class_agreement(model, samples["vae"], samples["x0"])
+        p, se = class_agreement(model if judge is None else judge, samples["vae"], samples["x0"])
         agreement = dict(p=p, se=se, n=len(samples["x0"]))
         print(f"class agreement x_hat_0 vs refinement: {p:.1%} ± {se:.1%} (N={agreement['n']})")
     return dict(samples=scores, floor=floor, agreement=agreement)
@@ -386,8 +397,10 @@ def parse_args(argv=None):
     p.add_argument("--key", help=f"array to score (default: each of {', '.join(SAMPLE_KEYS)} the file holds)")
     p.add_argument("--n", type=int, help="score the first n samples (default: all)")
     p.add_argument("--data_dir", help="Fashion-MNIST directory (default: data.py's)")
-    p.add_argument("--classifier", default="runs/classifier.pt")
-    p.add_argument("--train_classifier", action="store_true", help="(re)train and cache the classifier")
+    p.add_argument("--classifier", default=FEATURES, help="the FID/KID features (trained on first use)")
+    p.add_argument("--judge", default=JUDGE, help="the classifier of class agreement, trained with blurred images "
+                   "too (trained on first use)")
+    p.add_argument("--train_classifier", action="store_true", help="(re)train and cache both classifiers")
     p.add_argument("--bpd", metavar="CKPT", help="the variational bound in bits/dim of a stage-2 checkpoint on the "
                    "first --n test images (default 100; T network calls per image: ~1 min per 100 on 2 CPU cores)")
     p.add_argument("--recon", metavar="VAE_CKPT", help="the classifier on the first --n test images (default all) and "
@@ -414,11 +427,16 @@ def main(argv=None):
             if args.samples else {}  # checked before anything slow
         model, acc = load_or_train_classifier(args.classifier, args.data_dir, retrain=args.train_classifier)
         print(f"classifier {args.classifier}: Fashion-MNIST test accuracy {acc:.2%}")
+        judge = None
+        if args.train_classifier or args.recon or (samples and "vae" in samples and "x0" in samples):
+            judge, acc = load_or_train_classifier(args.judge, args.data_dir, retrain=args.train_classifier,
+                                                  blur=JUDGE_BLUR)
+            print(f"judge {args.judge} (blurred images too): Fashion-MNIST test accuracy {acc:.2%}")
         if samples:
-            evaluate(model, samples, args.data_dir)
+            evaluate(model, samples, args.data_dir, judge)
         if args.recon:
             x, y = _load_real("test", args.data_dir)
-            r = reconstruction_agreement(model, load_vae(args.recon), x[:args.n], y[:args.n])
+            r = reconstruction_agreement(judge, load_vae(args.recon), x[:args.n], y[:args.n])
             print(f"{args.recon}, {r['n']} test images: classifier accuracy {r['acc_data']:.1%} on the images, "
                   f"{r['acc_recon']:.1%} on their reconstructions; the same class for both: {r['agree']:.1%}")
     except (SamplesError, DataError, CheckpointError) as e:

@@ -61,7 +61,9 @@ def parse_args(argv=None):
                         "eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null)")
     p.add_argument("--repeats", type=int, default=4, help="--mode control: refinements of each z (2..64)")
     p.add_argument("--classifier", default="runs/classifier.pt",
-                   help="--mode control/degrade: evaluate.py's classifier (class agreement, FID)")
+                   help="--mode degrade: evaluate.py's classifier (its features give FID)")
+    p.add_argument("--judge", default="runs/classifier_blur.pt",
+                   help="--mode control: evaluate.py's judge of class agreement (trained with blurred images too)")
     p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith/degrade")
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
     p.add_argument("--device", default=None)
@@ -221,13 +223,13 @@ def run_mode(args, net, vae, diffusion, cfg, device):
     return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
 
 
-def classifier_of(args, device):
-    """evaluate.py's classifier from --classifier, or a clear error saying how to make it."""
+def classifier_of(path, flag, device):
+    """evaluate.py's classifier (or judge) at `path`, or a clear error saying how to make it."""
     import evaluate as E
-    if not os.path.exists(args.classifier):
-        raise ValueError(f"no classifier at {args.classifier}: train it with python evaluate.py --train_classifier "
-                         f"(or pass --classifier PATH)")
-    return E.load_classifier(args.classifier, device)[0]
+    if not os.path.exists(path):
+        raise ValueError(f"no classifier at {path}: train it with python evaluate.py --train_classifier "
+                         f"(or pass {flag} PATH)")
+    return E.load_classifier(path, device)[0]
 
 
 def control(args, net, vae, diffusion, cfg, device, draw_z, g):
@@ -235,18 +237,18 @@ def control(args, net, vae, diffusion, cfg, device, draw_z, g):
     the fraction of refinements the classifier puts in x_hat_0's class, and the RMS pixel distance between two
     refinements of one z against two refinements of different z's. Grid: one row per z, x_hat_0 then its R."""
     import evaluate as E
-    classifier = classifier_of(args, device)
+    judge = classifier_of(args.judge, "--judge", device)
     K, R = args.n, args.repeats
     z = draw_z(K)
     x_hat0 = vae.decode(z)
     x0 = torch.stack([generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=K, args=args, generator=g)[1]
                       for _ in range(R)], 1)                                       # (K, R, C, H, W)
-    agree, se = E.class_agreement(classifier, x_hat0.repeat_interleave(R, 0), x0.flatten(0, 1))
+    agree, se = E.class_agreement(judge, x_hat0.repeat_interleave(R, 0), x0.flatten(0, 1))
     flat = x0.flatten(2)                                                            # (K, R, D)
     rms = torch.cdist(flat.transpose(0, 1), flat.transpose(0, 1)) / flat.shape[-1] ** 0.5  # (R, K, K): same r
     within = torch.stack([(flat[:, i] - flat[:, j]).pow(2).mean(-1).sqrt() for i in range(R) for j in range(i)])
     across = rms[:, ~torch.eye(K, dtype=torch.bool, device=rms.device)]
-    print(f"control through z: K = {K} latents x R = {R} refinements; classifier keeps x_hat_0's class in "
+    print(f"control through z: K = {K} latents x R = {R} refinements; the judge keeps x_hat_0's class in "
           f"{agree:.1%} ± {se:.1%} (chance ~10%); RMS pixel distance within one z {within.mean():.3f}, "
           f"across z's {across.mean():.3f}")
     rows = [torch.cat([x_hat0[k:k + 1], x0[k]]) for k in range(min(K, 8))]
@@ -259,7 +261,7 @@ def degrade_table(args, net, vae, diffusion, cfg, device, g):
     grid: clean, then degraded and refined rows for each kind (8 images)."""
     import degrade as D
     import evaluate as E
-    classifier = classifier_of(args, device)
+    classifier = classifier_of(args.classifier, "--classifier", device)
     images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=net.config["image_size"])
     x = to_model_range(images[: args.n]).to(device)
     ref = E.extract_features(classifier, to_model_range(images).to(device))

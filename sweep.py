@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--extra", default="", help="more sample.py flags for every cell, e.g. \"--raw_eps\"")
     p.add_argument("--n", type=int, default=1000, help="samples per cell")
     p.add_argument("--batch_size", type=int, default=250)
-    p.add_argument("--classifier", default="runs/classifier.pt")
+    p.add_argument("--classifier", default=E.FEATURES, help="FID/KID features (evaluate.py)")
+    p.add_argument("--judge", default=E.JUDGE, help="the classifier of class agreement (evaluate.py)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--out", default="runs/sweep")
     args = p.parse_args(argv)
@@ -76,14 +77,14 @@ def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost"
     return torch.cat(outs), (torch.cat(vae_outs) if vae is not None else None)
 
 
-def score(classifier, x, ref, x_hat0=None):
-    """FID, KID and (given x_hat_0) the fraction of refinements the classifier puts in x_hat_0's class."""
+def score(classifier, x, ref, x_hat0=None, judge=None):
+    """FID, KID and (given x_hat_0 and the judge) the fraction of refinements the judge puts in x_hat_0's class."""
     feats = E.extract_features(classifier, x)
     fid = E.fid_from_features(feats, ref)
     kid_mean, kid_std = E.kid(feats, ref, subset_size=min(1000, len(feats)))
     row = dict(fid=fid, kid=kid_mean, kid_std=kid_std)
     if x_hat0 is not None:
-        row["agree"] = E.class_agreement(classifier, x_hat0, x)[0]
+        row["agree"] = E.class_agreement(judge, x_hat0, x)[0]
     return row
 
 
@@ -113,6 +114,7 @@ def main(argv=None):
         return dict(model=name, sampler="-", steps=0, n=args.n, spacing="-", seed=seed)
 
     classifier, acc = E.load_or_train_classifier(args.classifier, args.data_dir)
+    judge = E.load_or_train_classifier(args.judge, args.data_dir, blur=E.JUDGE_BLUR)[0]
     ref = E.extract_features(classifier, E._load_real("test", args.data_dir)[0])
     if key_of(fixed("data", 0)) not in done:
         real = E._load_real("train", args.data_dir)[0][: args.n]
@@ -127,7 +129,7 @@ def main(argv=None):
             t0 = time.time()
             x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior,
                               args.spacing, t_start, seed, args.extra)
-            record(dict(cell, seconds=round(time.time() - t0, 1), **score(classifier, x0, ref, x_hat0)))
+            record(dict(cell, seconds=round(time.time() - t0, 1), **score(classifier, x0, ref, x_hat0, judge)))
             if vae is not None and key_of(fixed("vae", seed)) not in done:
                 record(dict(fixed("vae", seed), seconds=0.0, **score(classifier, x_hat0, ref)))
             if vae is not None and vae.prior is not None and key_of(fixed("vae_normal", seed)) not in done:
@@ -162,7 +164,7 @@ def write_table_and_plot(results, args, acc):
     lines = [f"FID / KID in the feature space of our own Fashion-MNIST classifier (test accuracy {acc:.2%}), "
              f"{args.n} samples vs the 10,000 test images, {args.spacing} timestep spacing, seeds {sorted(seeds)} "
              f"(mean ± sd), sample.py flags: {args.extra or 'none'}. Each cell: FID [class agreement x_hat_0 vs "
-             f"refinement] (seconds per seed). NOT comparable to published Inception FIDs.", "",
+             f"refinement, by the judge] (seconds per seed). NOT comparable to published Inception FIDs.", "",
              "| model | sampler | t_start | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
              "|---|---|---|" + "---|" * len(args.steps)]
     fig, ax = plt.subplots(figsize=(6, 4))

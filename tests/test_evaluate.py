@@ -247,7 +247,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path):
     ev.save_classifier(model, 0.875, path)
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["classifier.pt"]  # no temp file left behind
     ckpt = torch.load(path, weights_only=True)
-    assert set(ckpt) == {"state_dict", "config", "test_accuracy"}
+    assert set(ckpt) == {"state_dict", "config", "test_accuracy", "blur"} and ckpt["blur"] == 0.0
     loaded, acc = ev.load_classifier(path)
     assert acc == 0.875 and loaded.config == model.config and not loaded.training
     x = torch.randn(6, 1, 32, 32)
@@ -350,7 +350,7 @@ def test_cli_prints_fid_kid_and_the_class_agreement(tmp_path, monkeypatch, capsy
     path = str(tmp_path / "samples.npz")
     np.savez(path, vae=x, x0=x)  # a refiner that changes nothing keeps every class
     monkeypatch.setattr(ev, "_load_real", fake_real)
-    ev.main(["--samples", path, "--classifier", classifier, "--n", "16"])
+    ev.main(["--samples", path, "--classifier", classifier, "--judge", classifier, "--n", "16"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines[-4:-1]] == [["samples", "'x0'"], ["samples", "'vae'"], ["floor:", "real"]]
     assert lines[-1] == "class agreement x_hat_0 vs refinement: 100.0% ± 0.0% (N=16)"

@@ -247,9 +247,10 @@ def test_control_and_degrade_modes_report_their_measurements(trained, data_dir, 
     out = str(tmp_path / mode)
     with pytest.raises(SystemExit, match="no classifier"):
         sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--mode", mode, "--n", "4", "--steps", "2",
-                     "--data_dir", data_dir, "--out", out, "--classifier", str(tmp_path / "missing.pt")])
+                     "--data_dir", data_dir, "--out", out, "--classifier", str(tmp_path / "missing.pt"),
+                     "--judge", str(tmp_path / "missing.pt")])
     sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--mode", mode, "--n", "4", "--steps", "2",
-                 "--repeats", "3", "--data_dir", data_dir, "--out", out, "--classifier", classifier])
+                 "--repeats", "3", "--data_dir", data_dir, "--out", out, "--classifier", classifier, "--judge", classifier])
     printed, arrays = capsys.readouterr().out, np.load(out + ".npz")
     if mode == "control":
         assert arrays["x0"].shape == (4, 3, 1, 32, 32) and "within one z" in printed and "across z's" in printed
