@@ -243,7 +243,9 @@ def control(args, net, vae, diffusion, cfg, device, draw_z, g):
     x_hat0 = vae.decode(z)
     x0 = torch.stack([generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=K, args=args, generator=g)[1]
                       for _ in range(R)], 1)                                       # (K, R, C, H, W)
-    agree, se = E.class_agreement(judge, x_hat0.repeat_interleave(R, 0), x0.flatten(0, 1))
+    same = (E.predict(judge, x_hat0)[:, None] == E.predict(judge, x0.flatten(0, 1)).view(K, R)).double()
+    per_z = same.mean(1)                                          # (K,): the R refinements of one z are not independent
+    agree, se = per_z.mean().item(), per_z.std().item() / K ** 0.5  # so the standard error is over the K latents
     flat = x0.flatten(2)                                                            # (K, R, D)
     rms = torch.cdist(flat.transpose(0, 1), flat.transpose(0, 1)) / flat.shape[-1] ** 0.5  # (R, K, K): same r
     within = torch.stack([(flat[:, i] - flat[:, j]).pow(2).mean(-1).sqrt() for i in range(R) for j in range(i)])
