@@ -6,6 +6,7 @@
     python figures.py --only steps         # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
     python figures.py --only steps --ckpt runs/form1/ddpm.pt    # the same for another stage-2 checkpoint
     python figures.py --only steps --no_clip   # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
+    python figures.py --only guidance --results runs/cfg_sweep/results.json   # FID and class kept against w
 
 plot_loss draws the training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png).
 
@@ -129,6 +130,34 @@ def steps(ckpt, clip=True):
     print(f"samples_vs_steps: {sum(STEP_COUNTS)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}")
 
 
+def guidance_points(results):
+    """(w, FID, agreement) per guidance weight w of sweep.py rows whose --extra set one ("--guidance W"), sorted by w;
+    seeds of one w are averaged."""
+    by_w = {}
+    for r in results:
+        flags = r.get("extra", "").split()
+        if "agree" in r and "--guidance" in flags:
+            w = float(flags[flags.index("--guidance") + 1])
+            by_w.setdefault(w, []).append((r["fid"], r["agree"]))
+    return [(w, *np.mean(by_w[w], axis=0)) for w in sorted(by_w)]
+
+
+def guidance(results_path):
+    """Classifier-free guidance on x_hat_0 (LESSONS Lesson 14): FID and the judge's class agreement against w."""
+    import json
+    points = guidance_points(json.load(open(results_path)))
+    if not points:
+        raise SystemExit(f"error: {results_path} has no rows made with --extra='--guidance W' (see sweep.py)")
+    w, fid, agree = np.array(points).T
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(w, fid, "o-", color="C0")
+    ax.set(xlabel="guidance weight w", ylabel="FID (own classifier)", title="guidance on x_hat_0, 10 DDIM steps")
+    ax2 = ax.twinx()
+    ax2.plot(w, 100 * agree, "s--", color="C1")
+    ax2.set_ylabel("class kept (%)", color="C1")
+    save(fig, "guidance.png")
+
+
 def save(fig, name):
     os.makedirs(OUT, exist_ok=True)
     fig.tight_layout()
@@ -208,17 +237,22 @@ def plot_loss(history, path, title):
 def parse_args(argv=None):
     """The CLI's options (argv: a list of strings, default sys.argv[1:]); argparse exits on a bad command."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["schedules", "forward", "steps"],
+    p.add_argument("--only", nargs="+", choices=["schedules", "forward", "steps", "guidance"],
                    default=["schedules", "forward", "steps"])
     p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="stage-2 checkpoint for --only steps")
     p.add_argument("--no_clip", action="store_true", help="--only steps without clamping x_0-hat (Exercise 5)")
-    return p.parse_args(argv)
+    p.add_argument("--results", default=None, help="--only guidance: a sweep.py results.json with guidance rows")
+    a = p.parse_args(argv)
+    if "guidance" in a.only and not a.results:
+        p.error("--only guidance needs --results PATH (a sweep.py results.json made with --extra='--guidance W')")
+    return a
 
 
 def main(argv=None):
     a = parse_args(argv)
     torch.manual_seed(0)
-    make = {"schedules": schedules, "forward": forward, "steps": lambda: steps(a.ckpt, clip=not a.no_clip)}
+    make = {"schedules": schedules, "forward": forward, "steps": lambda: steps(a.ckpt, clip=not a.no_clip),
+            "guidance": lambda: guidance(a.results)}
     for name in a.only:
         make[name]()
 

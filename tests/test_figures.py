@@ -86,3 +86,12 @@ def test_parse_args_dry_parses():
     assert a.only == ["steps"] and a.no_clip and a.ckpt == "runs/fashion/ddpm.pt"
     with pytest.raises(SystemExit):
         figures.parse_args(["--only", "nothing"])
+
+
+def test_guidance_points_average_seeds_per_weight_and_skip_other_rows():
+    rows = [dict(extra="--guidance 1", fid=10.0, agree=0.9), dict(extra="--guidance 1", fid=12.0, agree=0.8),
+            dict(extra="--guidance 0.5", fid=20.0, agree=0.7), dict(extra="", fid=5.0, agree=0.5),
+            dict(extra="--guidance 2", fid=1.0)]  # no agreement: not a refiner row
+    assert figures.guidance_points(rows) == [(0.5, 20.0, 0.7), (1.0, 11.0, pytest.approx(0.85))]
+    with pytest.raises(SystemExit):
+        figures.parse_args(["--only", "guidance"])
