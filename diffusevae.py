@@ -213,6 +213,14 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
 
 # ----------------------------------------------------------------------------- sampling
 
+def sample_start(cfg):
+    """Where a checkpoint's refiner starts by default (its config: train.py): sample_t_start, else t_start, the top of the
+    range the denoiser was trained on; None (the whole chain from noise) for 'full' or a config without either."""
+    t = cfg.get("sample_t_start")
+    t = cfg.get("t_start") if t is None else t
+    return None if t == "full" else t
+
+
 def truncated_start(diffusion, x_hat0, t_start, noise):
     """The state a truncated refiner starts from: the forward marginal at t_start of a chain whose data is x_hat_0,
 

@@ -128,9 +128,9 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
 
 
 def start_of(args, cfg, x_hat0, diffusion):
-    """The refiner's t_start: --t_start, else the checkpoint's (the range its denoiser was trained on); None (the full
-    chain from noise) for 'full', for the unconditional model, and for checkpoints from before t_start existed."""
-    t_start = cfg.get("t_start") if args.t_start is None else args.t_start
+    """The refiner's t_start: --t_start, else the checkpoint's (diffusevae.sample_start); None (the full chain from
+    noise) for 'full', for the unconditional model, and for checkpoints from before t_start existed."""
+    t_start = DV.sample_start(cfg) if args.t_start is None else args.t_start
     if t_start in (None, "full") or x_hat0 is None or t_start >= diffusion.T - 1:
         return None
     return t_start

@@ -36,17 +36,17 @@ from vae import VAE, encode_dataset, fit_expost_prior
 PRESETS = {
     "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
                 vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10,
-                param="eps", cond_drop=0.0, z_cond=False,
+                param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None,
                 ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
                 schedule="linear", T=1000, t_start=300, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10,
-                    param="eps", cond_drop=0.0, z_cond=False,
+                    param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None,
                     ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
                     schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
                      vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10,
-                     param="eps", cond_drop=0.0, z_cond=False,
+                     param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None,
                      ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
                      schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
 }
@@ -71,6 +71,9 @@ def parse_args(argv=None):
                    help="stage 2 trains the denoiser on the code timesteps 0..t_start only, the range a refiner that "
                         "starts there visits (sample.py uses it as its default start), or 'full' for all T "
                         "(default: the preset's; always 'full' for --cond none, which has no x_hat_0 to start from)")
+    p.add_argument("--sample_t_start", type=int, default=None,
+                   help="where sample.py starts the refiner by default, 0..t_start (default: the preset's; none: "
+                        "t_start itself); the denoiser is still trained on 0..t_start")
     p.add_argument("--param", default=None, choices=DV.PARAMETERISATIONS,
                    help="what the stage-2 network predicts: eps (DDPM), x0, residual x_0 - x_hat_0, or v "
                         "(default: the preset's; diffusevae.training_target)")
@@ -121,9 +124,13 @@ def parse_args(argv=None):
     if args.cond == "none" and (args.cond_drop or args.z_cond):
         p.error("--cond_drop and --z_cond condition on the VAE: the unconditional baseline (--cond none) has none")
     for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start", "param",
-                "cond_drop"):
+                "cond_drop", "sample_t_start"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if cfg["sample_t_start"] is not None and not 0 <= cfg["sample_t_start"] <= (
+            cfg["T"] - 1 if cfg["t_start"] == "full" else cfg["t_start"]):
+        p.error(f"--sample_t_start must be in 0..t_start ({cfg['t_start']}), the range the denoiser is trained on, "
+                f"got {cfg['sample_t_start']}")
     if args.stage == "vae" and args.lr is not None:
         cfg["vae_lr"] = args.lr
     cfg["z_cond"] = cfg["z_cond"] or args.z_cond
@@ -521,7 +528,7 @@ def write_pictures(args, cfg, model, ema, vae, diffusion, history, device, n=16)
         img_ch = ema_model.config["img_ch"]
         x0 = DV.refine(ema_model, diffusion, x_hat0, form=args.form, steps=10, generator=g,
                        shape=(n, img_ch, cfg["image_size"], cfg["image_size"]),
-                       t_start=None if cfg["t_start"] == "full" or vae is None else cfg["t_start"], param=cfg["param"],
+                       t_start=None if vae is None else DV.sample_start(cfg), param=cfg["param"],
                        z=z if cfg["z_cond"] else None)
         # rows of 8: VAE samples, then their refinements
         rows = [t for i in range(0, n, 8) for t in (x_hat0[i:i + 8], x0[i:i + 8])] if x_hat0 is not None else [x0]

@@ -356,3 +356,11 @@ def test_guidance_zero_is_the_conditional_model_and_the_null_path_never_sees_x_h
         assert torch.allclose(grad, (1 + w) * x_hat0.cos(), atol=1e-12)  # only the conditional branch's dependence
     with pytest.raises(ValueError, match="guidance must be >= 0"):
         DV.chain_eps_fn(model, x_hat0, form, guidance=-1.0)
+
+
+def test_sample_start_is_sample_t_start_else_t_start_and_none_for_the_full_chain():
+    assert DV.sample_start(dict(t_start=300, sample_t_start=100)) == 100
+    assert DV.sample_start(dict(t_start=300, sample_t_start=None)) == 300
+    assert DV.sample_start(dict(t_start=300)) == 300                     # checkpoints from before sample_t_start
+    assert DV.sample_start(dict(t_start="full", sample_t_start=None)) is None
+    assert DV.sample_start({}) is None                                   # checkpoints from before t_start

@@ -86,6 +86,8 @@ def test_bad_sampling_arguments(run, argv, fragment, capsys):
     (["--preset", "imagenet"], "unknown preset"),
     (["--form", "3"], "unknown form"),
     (["--cond", "text"], "unknown --cond"),
+    (["--sample_t_start", "301"], "--sample_t_start must be in 0..t_start (300)"),
+    (["--t_start", "100", "--sample_t_start", "200"], "--sample_t_start must be in 0..t_start (100)"),
 ])
 def test_bad_training_arguments(argv, fragment, capsys):
     fails_with(train.main, ["--stage", "vae", *argv], fragment, capsys=capsys)
