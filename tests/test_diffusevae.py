@@ -364,3 +364,12 @@ def test_sample_start_is_sample_t_start_else_t_start_and_none_for_the_full_chain
     assert DV.sample_start(dict(t_start=300)) == 300                     # checkpoints from before sample_t_start
     assert DV.sample_start(dict(t_start="full", sample_t_start=None)) is None
     assert DV.sample_start({}) is None                                   # checkpoints from before t_start
+
+
+def test_the_cpu_preset_samples_from_below_its_training_range_unless_t_start_is_given():
+    import train
+    cfg = train.parse_args(["--stage", "ddpm"])[1]
+    assert DV.sample_start(cfg) == cfg["sample_t_start"] < cfg["t_start"]
+    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "100"])[1]) == 100
+    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "full"])[1]) is None
+    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--cond", "none"])[1]) is None

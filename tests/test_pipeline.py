@@ -105,16 +105,17 @@ def test_sampling_is_deterministic_with_a_seed(trained):
 def test_spacing_and_t_start_flags_pick_the_timesteps_the_refiner_visits(trained, monkeypatch):
     ck = os.path.join(trained, "ddpm.pt")
     net, vae, diffusion, cfg = sample.load_models(ck, torch.device("cpu"))
-    assert cfg["t_start"] == train.PRESETS["cpu"]["t_start"]  # trained on 0..t_start, and sampled from there
+    assert cfg["t_start"] == train.PRESETS["cpu"]["t_start"]  # trained on 0..t_start
+    assert DV.sample_start(cfg) == train.PRESETS["cpu"]["sample_t_start"] < cfg["t_start"]  # sampled from below it
     visited, forward = [], UNet.forward
     monkeypatch.setattr(UNet, "forward", lambda self, x, t, *a: visited.append(int(t[0])) or forward(self, x, t, *a))
-    for spacing, flag, t_start in [(s, [], cfg["t_start"]) for s in ddpm.SPACINGS] + [("uniform", ["full"], None),
-                                                                                      ("uniform", ["120"], 120)]:
+    for spacing, flag, t_start in [(s, [], DV.sample_start(cfg)) for s in ddpm.SPACINGS] + [
+            ("uniform", ["full"], None), ("uniform", ["120"], 120), ("uniform", ["300"], 300)]:
         visited.clear()
         out = os.path.join(trained, "spacing_" + spacing)
         sample.main(["--ckpt", ck, "--steps", "4", "--n", "3", "--spacing", spacing, "--out", out]
                     + (["--t_start"] + flag if flag else []))
-        assert visited == ddpm.ddim_timesteps(diffusion.T, 4, spacing, t_start).flip(0).tolist()  # e.g. 300 200 100 0
+        assert visited == ddpm.ddim_timesteps(diffusion.T, 4, spacing, t_start).flip(0).tolist()  # e.g. 150 100 50 0
         g = torch.Generator().manual_seed(0)  # sample.py's default seed: z first, then the x_T noise
         with torch.no_grad():
             x_hat0 = vae.decode(sample_prior(3, vae.z_dim, vae.prior, generator=g))
