@@ -79,7 +79,8 @@ PARAMETERISATIONS = ("eps", "x0", "residual", "v")
 def training_target(param, diffusion, x0, x_hat0, t, noise):
     """What the network is trained to output, on the chain whose data is x_0 (x_t in form 1, y_t in form 2):
     eps (DDPM eq. 14); x0; residual = x_0 - x_hat_0 (a network that outputs 0, as ours does at initialisation, then
-    returns x_hat_0 unchanged); v = sqrt(ab) eps - sqrt(1 - ab) x_0 (ddpm.predict_v)."""
+    returns x_hat_0 unchanged); v = sqrt(ab) eps - sqrt(1 - ab) x_0 (ddpm.predict_v).
+    x_hat0 is the conditioning input the network sees: for the null input of guidance (zeros) the residual is x_0."""
     if param == "eps":
         return noise
     if param == "x0":
@@ -126,7 +127,7 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
     x_t and x_hat_0. t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start
     (refine) is only ever called at t <= t_start, so training it there spends every example where it is used.
     cond_drop: the probability that the denoiser sees the null input instead of x_hat_0 (drop_condition; the
-    forward process, and in form 2 its shift, still use x_hat_0)."""
+    forward process, and in form 2 its shift, still use x_hat_0; a residual is taken from the input the network saw)."""
     if param == "residual" and x_hat0 is None:
         raise ValueError("the residual parameterisation predicts x_0 - x_hat_0: it needs x_hat_0 (not --cond none)")
     if t is None:
@@ -134,8 +135,8 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
         t = torch.randint(0, t_max + 1, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0) if noise is None else noise
     x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
-    target = training_target(param, diffusion, x0, x_hat0, t, noise)
     cond = drop_condition(x_hat0, cond_drop) if x_hat0 is not None else None
+    target = training_target(param, diffusion, x0, cond, t, noise)  # residual: relative to what the network sees
     out = eps_model(x_t, t, cond) if z is None else eps_model(x_t, t, cond, z=z)  # z: a z-conditioned UNet
     return loss_simple(out, target), t
 
@@ -183,7 +184,7 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
 
     def eps_given(x, t, cond):
         out = eps_model(x + shift, t, cond) if z is None else eps_model(x + shift, t, cond, z=z)
-        return eps_from_output(param, diffusion, out, x, t, x_hat0)
+        return eps_from_output(param, diffusion, out, x, t, cond)  # residual: cond + out, as in training
     if guidance == 0:
         return lambda x, t: eps_given(x, t, x_hat0)
     null = null_condition(x_hat0)

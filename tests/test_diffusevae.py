@@ -358,6 +358,33 @@ def test_guidance_zero_is_the_conditional_model_and_the_null_path_never_sees_x_h
         DV.chain_eps_fn(model, x_hat0, form, guidance=-1.0)
 
 
+@pytest.mark.parametrize("form", [1, 2])
+def test_a_residual_is_taken_from_the_input_the_network_saw_so_its_null_branch_predicts_x0(diff, form):
+    # residual + guidance: with the null input (zeros) the residual target is x_0 itself, in training and in
+    # sampling, so the unconditional branch's x_0 estimate is the network's output and never x_hat_0 + output
+    g = torch.Generator().manual_seed(4)
+    x0, x_hat0 = torch.randn(2, 6, 1, 4, 4, generator=g, dtype=torch.float64)
+    t, noise = torch.tensor([3, 50, 120, 200, 280, 299]), torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    seen = []
+
+    def model(x, tt, cond):
+        seen.append(cond)
+        return torch.zeros_like(x)
+    # every example dropped: the loss of a zero output is |x_0|^2, not |x_0 - x_hat_0|^2
+    loss, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=form, t=t, noise=noise, param="residual", cond_drop=1.0)
+    assert (seen[0] == 0).all()
+    assert torch.allclose(loss, x0.pow(2).flatten(1).mean(1), atol=1e-12)
+    # nothing dropped: the usual residual x_0 - x_hat_0
+    loss, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=form, t=t, noise=noise, param="residual")
+    assert torch.allclose(loss, (x0 - x_hat0).pow(2).flatten(1).mean(1), atol=1e-12)
+    # sampling: guided eps = (1 + w) eps(x0_hat = x_hat_0 + 0) - w eps(x0_hat = 0 + 0)
+    y = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    w = 0.7
+    guided = DV.chain_eps_fn(model, x_hat0, form, diff, param="residual", guidance=w)(y, t)
+    cond_eps, null_eps = diff.predict_eps_from_x0(y, t, x_hat0), diff.predict_eps_from_x0(y, t, torch.zeros_like(y))
+    assert torch.allclose(guided, (1 + w) * cond_eps - w * null_eps, atol=1e-12)
+
+
 def test_sample_start_is_sample_t_start_else_t_start_and_none_for_the_full_chain():
     assert DV.sample_start(dict(t_start=300, sample_t_start=100)) == 100
     assert DV.sample_start(dict(t_start=300, sample_t_start=None)) == 300
