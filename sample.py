@@ -21,7 +21,7 @@ import torch
 import ddpm
 import diffusevae as DV
 from checkpoint import CheckpointError, load
-from data import DataError, load_dataset, save_grid, to_model_range, to_unit_range
+from data import FASHION_CLASSES, DataError, load_dataset, save_grid, to_model_range, to_unit_range
 from unet import UNet
 from vae import VAE, sample_prior
 
@@ -60,6 +60,7 @@ def parse_args(argv=None):
                    help="classifier-free guidance weight w >= 0 on x_hat_0 (a model trained with --cond_drop > 0): "
                         "eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null)")
     p.add_argument("--repeats", type=int, default=4, help="--mode control: refinements of each z (2..64)")
+    p.add_argument("--paths", type=int, default=1, help="--mode interp/arith: how many paths in z (1..256)")
     p.add_argument("--classifier", default="runs/classifier.pt",
                    help="--mode degrade: evaluate.py's classifier (its features give FID)")
     p.add_argument("--judge", default="runs/classifier_blur.pt",
@@ -78,6 +79,8 @@ def parse_args(argv=None):
         p.error(f"--guidance must be >= 0 (0 = no guidance), got {args.guidance}")
     if not 2 <= args.repeats <= 64:
         p.error(f"--repeats must be between 2 and 64 (refinements per z), got {args.repeats}")
+    if not 1 <= args.paths <= 256:
+        p.error(f"--paths must be between 1 and 256 (paths in z for --mode interp/arith), got {args.paths}")
     if args.t_start not in (None, "full"):
         try:
             args.t_start = int(args.t_start)
@@ -202,25 +205,67 @@ def run_mode(args, net, vae, diffusion, cfg, device):
         x_hat0 = vae.decode(vae.encode(x)[0])  # the posterior mean's decoding
         _, x0 = generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=len(x), args=args, generator=g)
         return [x, x_hat0, x0], {"data": x, "vae": x_hat0, "x0": x0}
-    if args.mode == "interp":
-        z0, z1 = draw_z(1), draw_z(1)
+    if args.mode == "interp":  # --paths straight paths z0 -> z1 of --n points, the DDPM noise fixed along each
         w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
-        z = (1 - w) * z0 + w * z1
-        noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
-        x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=args.n, args=args, generator=g, x_T_noise=noise)
-        return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
+        paths = [(1 - w) * z0 + w * z1 for z0, z1 in ((draw_z(1), draw_z(1)) for _ in range(args.paths))]
+        x_hat0, x0 = along_paths(args, net, vae, diffusion, cfg, paths, g)
+        report_path_classes(args, x_hat0, x0, device)
+        return [r for p in range(args.paths) for r in (x_hat0[p], x0[p])], {"vae": x_hat0, "x0": x0}
     if args.mode == "control":
         return control(args, net, vae, diffusion, cfg, device, draw_z, g)
     if args.mode == "degrade":
         return degrade_table(args, net, vae, diffusion, cfg, device, g)
     # arith: z + s (mean z of class attr - mean z of class base), s = 0 .. 1.5, with the DDPM noise held fixed
     direction = class_mean_z(vae, cfg, args, device, args.attr) - class_mean_z(vae, cfg, args, device, args.base)
-    base = draw_z(1)
     s = torch.linspace(0, 1.5, args.n, device=device).unsqueeze(1)
-    noise = torch.randn(1, img_ch, size, size, generator=g, device=device).expand(args.n, -1, -1, -1)
-    x_hat0, x0 = generate(net, vae, diffusion, cfg, z=base + s * direction, n=args.n, args=args, generator=g,
-                          x_T_noise=noise)
-    return [x_hat0, x0], {"vae": x_hat0, "x0": x0}
+    x_hat0, x0 = along_paths(args, net, vae, diffusion, cfg, [draw_z(1) + s * direction for _ in range(args.paths)], g)
+    report_path_classes(args, x_hat0, x0, device, attr=args.attr)
+    return [r for p in range(args.paths) for r in (x_hat0[p], x0[p])], {"vae": x_hat0, "x0": x0}
+
+
+def along_paths(args, net, vae, diffusion, cfg, paths, g):
+    """x_hat_0 and its refinement at every point of each path in z, (P, n, C, H, W) each; one DDPM noise per
+    path, shared by its points, so that what changes along a path is z alone."""
+    size, img_ch = net.config["image_size"], net.config["img_ch"]
+    out = []
+    for z in paths:
+        noise = torch.randn(1, img_ch, size, size, generator=g, device=z.device).expand(len(z), -1, -1, -1)
+        out.append(generate(net, vae, diffusion, cfg, z=z, n=len(z), args=args, generator=g, x_T_noise=noise))
+    return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+
+def report_path_classes(args, x_hat0, x0, device, attr=None):
+    """Does the refined sample follow the z edit? The judge's class of x_hat_0 and of its refinement at every point
+    of every path (path_agreement), printed with the first paths' classes."""
+    if not os.path.exists(args.judge):
+        print(f"(no judge at {args.judge}, so no class measurement: python evaluate.py --train_classifier makes it)")
+        return
+    import evaluate as E
+    judge = classifier_of(args.judge, "--judge", device)
+    P, n = x_hat0.shape[:2]
+    c_vae, c_ref = (E.predict(judge, x.flatten(0, 1)).view(P, n).cpu() for x in (x_hat0, x0))
+    for p in range(min(P, 4)):
+        for name, c in (("x_hat_0", c_vae[p]), ("refined", c_ref[p])):
+            print(f"path {p} {name}: " + " ".join(FASHION_CLASSES[k][:7] for k in c.tolist()))
+    r = path_agreement(c_vae, c_ref, attr)
+    line = (f"{P} paths x {n} points: the refinement has its x_hat_0's class at {r['points']:.1%} of the points, "
+            f"at the last point of a path {r['last']:.1%}")
+    if attr is not None:
+        line += (f"; in class {attr} ({FASHION_CLASSES[attr]}) at the first point: x_hat_0 {r['attr_first_vae']:.1%}, "
+                 f"refined {r['attr_first_ref']:.1%}; at the last: x_hat_0 {r['attr_last_vae']:.1%}, "
+                 f"refined {r['attr_last_ref']:.1%}")
+    print(line)
+
+
+def path_agreement(c_vae, c_ref, attr=None):
+    """Fractions from the (P, n) classes of x_hat_0 and of its refinement along P paths: points where the two agree,
+    last points where they agree, and (latent arithmetic) first and last points in the class `attr`."""
+    frac = lambda b: b.double().mean().item()
+    r = {"points": frac(c_vae == c_ref), "last": frac(c_vae[:, -1] == c_ref[:, -1])}
+    if attr is not None:
+        r.update(attr_first_vae=frac(c_vae[:, 0] == attr), attr_first_ref=frac(c_ref[:, 0] == attr),
+                 attr_last_vae=frac(c_vae[:, -1] == attr), attr_last_ref=frac(c_ref[:, -1] == attr))
+    return r
 
 
 def classifier_of(path, flag, device):

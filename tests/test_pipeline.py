@@ -153,9 +153,34 @@ def test_sampling_modes(trained, data_dir, mode, extra):
     sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--mode", mode, "--n", "4", "--steps", "3",
                  "--data_dir", data_dir, "--out", out, *extra])
     arrays = np.load(out + ".npz")
-    assert arrays["x0"].shape == (4, 1, 32, 32)
+    assert arrays["x0"].shape == ((4, 1, 32, 32) if mode == "recon" else (1, 4, 1, 32, 32))
     if mode == "interp":  # the two ends of the path differ, the DDPM noise was shared
-        assert not np.allclose(arrays["vae"][0], arrays["vae"][-1])
+        assert not np.allclose(arrays["vae"][0, 0], arrays["vae"][0, -1])
+
+
+@pytest.mark.parametrize("mode,extra", [("interp", []), ("arith", ["--attr", "7", "--base", "1"])])
+def test_paths_in_z_report_whether_the_refinement_follows_the_edit(trained, data_dir, tmp_path, capsys, mode, extra):
+    import evaluate as E
+    judge = str(tmp_path / "judge.pt")
+    E.save_classifier(E.FeatureNet(width=8, feature_dim=16), 0.5, judge)  # tiny and untrained: no training run
+    out = str(tmp_path / mode)
+    sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--mode", mode, "--n", "4", "--steps", "2", "--paths", "3",
+                 "--data_dir", data_dir, "--out", out, "--judge", judge, *extra])
+    printed, arrays = capsys.readouterr().out, np.load(out + ".npz")
+    assert arrays["vae"].shape == arrays["x0"].shape == (3, 4, 1, 32, 32)
+    assert "3 paths x 4 points" in printed and ("in class 7" in printed) == (mode == "arith")
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--mode", mode, "--paths", "0", *extra])
+    assert "--paths must be between 1 and 256" in capsys.readouterr().err
+
+
+def test_path_agreement_counts_points_ends_and_the_added_class():
+    c_vae = torch.tensor([[1, 1, 5, 5], [2, 2, 2, 7]])
+    c_ref = torch.tensor([[1, 3, 5, 5], [2, 2, 7, 2]])
+    r = sample.path_agreement(c_vae, c_ref, attr=5)
+    assert r["points"] == 5 / 8 and r["last"] == 1 / 2
+    assert r["attr_first_vae"] == r["attr_first_ref"] == 0 and r["attr_last_vae"] == r["attr_last_ref"] == 1 / 2
+    assert set(sample.path_agreement(c_vae, c_ref)) == {"points", "last"}
 
 
 def test_form1_and_unconditional_baseline_train_and_sample(tmp_path, data_dir, trained):
