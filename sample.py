@@ -56,8 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--noise_temperature", type=float, default=1.0, help="scale of the DDPM's x_T noise")
     p.add_argument("--attr", type=int, default=None, help="--mode arith: class whose mean z is added")
     p.add_argument("--base", type=int, default=None, help="--mode arith: class whose mean z is subtracted")
-    p.add_argument("--guidance", type=float, default=0.0,
-                   help="classifier-free guidance weight w >= 0 on x_hat_0 (a model trained with --cond_drop > 0): "
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight w >= 0 on x_hat_0 (a model trained with --cond_drop > 0; "
+                        "default: the checkpoint's sample_guidance, else 0): "
                         "eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null)")
     p.add_argument("--repeats", type=int, default=4, help="--mode control: refinements of each z (2..64)")
     p.add_argument("--paths", type=int, default=1, help="--mode interp/arith: how many paths in z (1..256)")
@@ -75,7 +76,7 @@ def parse_args(argv=None):
         p.error("--n and --batch_size must be at least 1")
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
-    if not args.guidance >= 0:
+    if args.guidance is not None and not args.guidance >= 0:
         p.error(f"--guidance must be >= 0 (0 = no guidance), got {args.guidance}")
     if not 2 <= args.repeats <= 64:
         p.error(f"--repeats must be between 2 and 64 (refinements per z), got {args.repeats}")
@@ -126,8 +127,15 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
                    clip_x0=not args.no_clip, spacing=args.spacing, raw_eps=args.raw_eps,
                    t_start=start_of(args, cfg, x_hat0, diffusion), param=cfg.get("param", "eps"),
-                   guidance=args.guidance, z=z if net.config.get("z_dim") else None)
+                   guidance=guidance_of(args, cfg, x_hat0), z=z if net.config.get("z_dim") else None)
     return x_hat0, x0.clamp(-1, 1)
+
+
+def guidance_of(args, cfg, x_hat0):
+    """The guidance weight w: --guidance, else the checkpoint's sample_guidance (train.py), else 0 (none); 0 for the
+    unconditional model, which has no x_hat_0 to guide by."""
+    w = (cfg.get("sample_guidance") or 0.0) if args.guidance is None else args.guidance
+    return 0.0 if x_hat0 is None else w
 
 
 def start_of(args, cfg, x_hat0, diffusion):
@@ -156,7 +164,7 @@ def main(argv=None):
         net, vae, diffusion, cfg = load_models(args.ckpt, device)
         if args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the T = {diffusion.T} steps the model was trained with")
-        if args.guidance > 0 and not cfg.get("cond_drop", 0) > 0:
+        if (args.guidance or 0) > 0 and not cfg.get("cond_drop", 0) > 0:
             raise ValueError(f"--guidance needs a model trained with --cond_drop > 0 (it learns eps without x_hat_0 "
                              f"too); {args.ckpt} was trained without")
         if vae is None and args.mode != "sample":

@@ -38,17 +38,17 @@ from vae import VAE, encode_dataset, fit_expost_prior
 PRESETS = {
     "cpu": dict(dataset="fashion_mnist", image_size=32, batch_size=64, lr=1e-3, vae_lr=2e-3, warmup=100,
                 vae_steps=1500, ddpm_steps=1000, ema_decay=0.995, vae_ch=32, z_dim=32, prior_k=10,
-                param="eps", cond_drop=0.0, z_cond=False, sample_t_start=150,
+                param="eps", cond_drop=0.0, z_cond=False, sample_t_start=150, sample_guidance=0.0,
                 ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0, norm_groups=8,
                 schedule="linear", T=1000, t_start=300, sample_every=500, ckpt_every=250),
     "cifar10": dict(dataset="cifar10", image_size=32, batch_size=128, lr=2e-4, vae_lr=1e-4, warmup=5000,
                     vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=128, prior_k=10,
-                    param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None,
+                    param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None, sample_guidance=0.0,
                     ch=128, ch_mult=[1, 2, 2, 2], num_res_blocks=2, attn_resolutions=[16], dropout=0.3, norm_groups=32,
                     schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
     "celeba64": dict(dataset="folder", image_size=64, batch_size=64, lr=2e-4, vae_lr=1e-4, warmup=5000,
                      vae_steps=200_000, ddpm_steps=800_000, ema_decay=0.9999, vae_ch=64, z_dim=256, prior_k=10,
-                     param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None,
+                     param="eps", cond_drop=0.0, z_cond=False, sample_t_start=None, sample_guidance=0.0,
                      ch=128, ch_mult=[1, 2, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.1, norm_groups=32,
                      schedule="linear", T=1000, t_start="full", sample_every=10_000, ckpt_every=5000),
 }
@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--sample_t_start", type=int, default=None,
                    help="where sample.py starts the refiner by default, 0..t_start (default: the preset's; none: "
                         "t_start itself); the denoiser is still trained on 0..t_start")
+    p.add_argument("--sample_guidance", type=float, default=None,
+                   help="the classifier-free guidance weight w >= 0 sample.py uses by default (needs cond_drop > 0; "
+                        "default: the preset's, 0 when --cond_drop 0 is given)")
     p.add_argument("--param", default=None, choices=DV.PARAMETERISATIONS,
                    help="what the stage-2 network predicts: eps (DDPM), x0, residual x_0 - x_hat_0, or v "
                         "(default: the preset's; diffusevae.training_target)")
@@ -123,18 +126,26 @@ def parse_args(argv=None):
         p.error("--param residual predicts x_0 - x_hat_0: the unconditional baseline (--cond none) has no x_hat_0")
     if args.cond_drop is not None and not 0 <= args.cond_drop < 1:
         p.error(f"--cond_drop must be in [0, 1) (the fraction of examples trained without x_hat_0), got {args.cond_drop}")
-    if args.cond == "none" and (args.cond_drop or args.z_cond):
-        p.error("--cond_drop and --z_cond condition on the VAE: the unconditional baseline (--cond none) has none")
+    if args.cond == "none" and (args.cond_drop or args.z_cond or args.sample_guidance):
+        p.error("--cond_drop, --z_cond and --sample_guidance condition on the VAE: the unconditional baseline "
+                "(--cond none) has none")
     for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start", "param",
-                "cond_drop", "sample_t_start"):
+                "cond_drop", "sample_t_start", "sample_guidance"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    if args.cond == "none":  # the baseline: same UNet, steps and schedule, nothing that needs x_hat_0
+        cfg.update(cond_drop=0.0, sample_guidance=0.0, param="eps" if cfg["param"] == "residual" else cfg["param"])
     if args.t_start is not None and args.sample_t_start is None:
         cfg["sample_t_start"] = None  # a training range of one's own: sample.py starts at its top
     if cfg["sample_t_start"] is not None and not 0 <= cfg["sample_t_start"] <= (
             cfg["T"] - 1 if cfg["t_start"] == "full" else cfg["t_start"]):
         p.error(f"--sample_t_start must be in 0..t_start ({cfg['t_start']}), the range the denoiser is trained on, "
                 f"got {cfg['sample_t_start']}")
+    if args.cond_drop is not None and args.sample_guidance is None and cfg["cond_drop"] == 0:
+        cfg["sample_guidance"] = 0.0  # no null input learnt: nothing to guide by
+    if cfg["sample_guidance"] < 0 or (cfg["sample_guidance"] > 0 and not cfg["cond_drop"] > 0):
+        p.error(f"--sample_guidance must be >= 0, and > 0 only with --cond_drop > 0 (guidance needs the null input "
+                f"learnt), got {cfg['sample_guidance']} with cond_drop {cfg['cond_drop']}")
     if args.stage == "vae" and args.lr is not None:
         cfg["vae_lr"] = args.lr
     cfg["z_cond"] = cfg["z_cond"] or args.z_cond

@@ -393,6 +393,20 @@ def test_sample_start_is_sample_t_start_else_t_start_and_none_for_the_full_chain
     assert DV.sample_start({}) is None                                   # checkpoints from before t_start
 
 
+def test_sample_py_guides_by_the_checkpoints_weight_unless_told_and_never_without_x_hat0():
+    import sample
+    import train
+    opts = lambda *a: sample.parse_args(list(a))
+    assert sample.guidance_of(opts(), dict(sample_guidance=0.5), torch.zeros(1)) == 0.5
+    assert sample.guidance_of(opts("--guidance", "2"), dict(sample_guidance=0.5), torch.zeros(1)) == 2.0
+    assert sample.guidance_of(opts("--guidance", "0"), dict(sample_guidance=0.5), torch.zeros(1)) == 0.0
+    assert sample.guidance_of(opts(), {}, torch.zeros(1)) == 0.0                    # checkpoints from before it
+    assert sample.guidance_of(opts(), dict(sample_guidance=0.5), None) == 0.0       # the unconditional model
+    for flags in (["--cond", "none"], ["--cond_drop", "0"]):                        # nothing learnt to guide by
+        assert train.parse_args(["--stage", "ddpm", *flags])[1]["sample_guidance"] == 0.0
+    assert train.parse_args(["--stage", "ddpm", "--cond", "none"])[1]["param"] == "eps"  # baseline: no x_hat_0
+
+
 def test_the_cpu_preset_samples_from_below_its_training_range_unless_t_start_is_given():
     import train
     cfg = train.parse_args(["--stage", "ddpm"])[1]

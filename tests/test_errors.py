@@ -88,6 +88,9 @@ def test_bad_sampling_arguments(run, argv, fragment, capsys):
     (["--cond", "text"], "unknown --cond"),
     (["--sample_t_start", "301"], "--sample_t_start must be in 0..t_start (300)"),
     (["--t_start", "100", "--sample_t_start", "200"], "--sample_t_start must be in 0..t_start (100)"),
+    (["--cond_drop", "0", "--sample_guidance", "1"], "--sample_guidance must be >= 0, and > 0 only with --cond_drop"),
+    (["--cond_drop", "0.1", "--sample_guidance", "-1"], "--sample_guidance must be >= 0"),
+    (["--cond", "none", "--sample_guidance", "1"], "the unconditional baseline"),
 ])
 def test_bad_training_arguments(argv, fragment, capsys):
     fails_with(train.main, ["--stage", "vae", *argv], fragment, capsys=capsys)
