@@ -86,7 +86,7 @@ def test_bad_sampling_arguments(run, argv, fragment, capsys):
     (["--preset", "imagenet"], "unknown preset"),
     (["--form", "3"], "unknown form"),
     (["--cond", "text"], "unknown --cond"),
-    (["--sample_t_start", "301"], "--sample_t_start must be in 0..t_start (300)"),
+    (["--sample_t_start", "101"], "--sample_t_start must be in 0..t_start (100)"),
     (["--t_start", "100", "--sample_t_start", "200"], "--sample_t_start must be in 0..t_start (100)"),
     (["--cond_drop", "0", "--sample_guidance", "1"], "--sample_guidance must be >= 0, and > 0 only with --cond_drop"),
     (["--cond_drop", "0.1", "--sample_guidance", "-1"], "--sample_guidance must be >= 0"),
