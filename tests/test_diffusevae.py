@@ -410,7 +410,7 @@ def test_sample_py_guides_by_the_checkpoints_weight_unless_told_and_never_withou
 def test_the_cpu_preset_samples_from_the_top_of_its_training_range_unless_told():
     import train
     cfg = train.parse_args(["--stage", "ddpm"])[1]
-    assert DV.sample_start(cfg) == cfg["t_start"] == 100
+    assert DV.sample_start(cfg) == cfg["t_start"] == 110
     assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--sample_t_start", "50"])[1]) == 50
     assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "100"])[1]) == 100
     assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "full"])[1]) is None

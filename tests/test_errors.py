@@ -77,8 +77,8 @@ def test_checkpoint_whose_model_does_not_fit_the_dataset(run, data_dir, tmp_path
     (["--steps", "1001"], "more than the T = 1000"),
     (["--steps", "0"], "at least 1"),
     (["--eta", "-0.1"], "--eta must be >= 0"),
-    (["--t_start", "101"], "trained on the timesteps 0..100 only"),  # the cpu preset's range
-    (["--t_start", "full"], "trained on the timesteps 0..100 only"),
+    (["--t_start", "111"], "trained on the timesteps 0..110 only"),  # the cpu preset's range
+    (["--t_start", "full"], "trained on the timesteps 0..110 only"),
 ])
 def test_bad_sampling_arguments(run, argv, fragment, capsys):
     fails_with(sample.main, ["--ckpt", os.path.join(run, "ddpm.pt"), *argv], fragment, capsys=capsys)
@@ -88,7 +88,7 @@ def test_bad_sampling_arguments(run, argv, fragment, capsys):
     (["--preset", "imagenet"], "unknown preset"),
     (["--form", "3"], "unknown form"),
     (["--cond", "text"], "unknown --cond"),
-    (["--sample_t_start", "101"], "--sample_t_start must be in 0..t_start (100)"),
+    (["--sample_t_start", "111"], "--sample_t_start must be in 0..t_start (110)"),
     (["--t_start", "100", "--sample_t_start", "200"], "--sample_t_start must be in 0..t_start (100)"),
     (["--cond_drop", "0", "--sample_guidance", "1"], "--sample_guidance must be >= 0, and > 0 only with --cond_drop"),
     (["--cond_drop", "0.1", "--sample_guidance", "-1"], "--sample_guidance must be >= 0"),
