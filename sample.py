@@ -165,8 +165,7 @@ def main(argv=None):
         if args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the T = {diffusion.T} steps the model was trained with")
         trained = cfg.get("t_start", "full")
-        if vae is not None and trained != "full" and args.t_start is not None and (
-                args.t_start == "full" or args.t_start > trained):
+        if trained != "full" and args.t_start is not None and (args.t_start == "full" or args.t_start > trained):
             raise ValueError(f"--t_start {args.t_start}: the refiner in {args.ckpt} was trained on the timesteps "
                              f"0..{trained} only; start it at {trained} or below (or train one with --t_start full)")
         if (args.guidance or 0) > 0 and not cfg.get("cond_drop", 0) > 0:
