@@ -87,6 +87,11 @@ def parse_args(argv=None):
     p.add_argument("--cond_drop", type=float, default=None,
                    help="probability in [0, 1) of training on the null input instead of x_hat_0, so that sample.py "
                         "--guidance can be used (classifier-free guidance; default: the preset's, 0)")
+    p.add_argument("--ch", type=int, default=None,
+                   help="stage 2: the UNet's base width, a multiple of the preset's norm_groups (default: the preset's)")
+    p.add_argument("--ch_mult", type=int, nargs="+", default=None,
+                   help="stage 2: the UNet's width of each level in units of --ch, as many levels as the preset's "
+                        "(default: the preset's)")
     p.add_argument("--z_cond", action="store_true",
                    help="also condition the UNet on the VAE's latent z (unet.py z_dim; off by default)")
     p.add_argument("--prior_k", type=int, default=None,
@@ -114,7 +119,7 @@ def parse_args(argv=None):
         p.error(f"unknown --cond {args.cond!r}: choose 'vae' or 'none'")
     if args.cond == "none" and args.form == 2:
         args.form = 1  # the unconditional baseline has no x_hat_0 to shift by
-    for name in ("steps", "batch_size", "log_every", "prior_k"):
+    for name in ("steps", "batch_size", "log_every", "prior_k", "ch"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.t_start not in (None, "full"):
@@ -132,7 +137,7 @@ def parse_args(argv=None):
         p.error("--cond_drop, --z_cond and --sample_guidance condition on the VAE: the unconditional baseline "
                 "(--cond none) has none")
     for key in ("dataset", "batch_size", "lr", "sample_every", "ckpt_every", "prior_k", "t_start", "param",
-                "cond_drop", "sample_t_start", "sample_guidance"):
+                "cond_drop", "sample_t_start", "sample_guidance", "ch", "ch_mult"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.cond == "none":  # the baseline: same UNet, steps and schedule, nothing that needs x_hat_0
@@ -148,6 +153,11 @@ def parse_args(argv=None):
     if cfg["sample_guidance"] < 0 or (cfg["sample_guidance"] > 0 and not cfg["cond_drop"] > 0):
         p.error(f"--sample_guidance must be >= 0, and > 0 only with --cond_drop > 0 (guidance needs the null input "
                 f"learnt), got {cfg['sample_guidance']} with cond_drop {cfg['cond_drop']}")
+    if args.ch_mult is not None and (len(args.ch_mult) != len(PRESETS[args.preset]["ch_mult"]) or min(args.ch_mult) < 1):
+        p.error(f"--ch_mult takes {len(PRESETS[args.preset]['ch_mult'])} integers >= 1 (one per level of the preset's "
+                f"UNet), got {args.ch_mult}")
+    if cfg["ch"] % cfg["norm_groups"]:
+        p.error(f"--ch must be a multiple of the preset's norm_groups ({cfg['norm_groups']}), got {cfg['ch']}")
     if args.stage == "vae" and args.lr is not None:
         cfg["vae_lr"] = args.lr
     cfg["z_cond"] = cfg["z_cond"] or args.z_cond

@@ -415,3 +415,15 @@ def test_the_cpu_preset_samples_from_the_top_of_its_training_range_unless_told()
     assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "100"])[1]) == 100
     assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "full"])[1]) is None
     assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--cond", "none"])[1]) is None
+
+
+def test_ch_and_ch_mult_set_the_widths_of_the_stage_2_unet_only():
+    import train
+    base = train.parse_args(["--stage", "ddpm"])[1]
+    cfg = train.parse_args(["--stage", "ddpm", "--ch", "16", "--ch_mult", "1", "4", "4"])[1]
+    assert (cfg["ch"], cfg["ch_mult"]) == (16, [1, 4, 4])
+    assert {k: v for k, v in cfg.items() if k not in ("ch", "ch_mult")} == \
+        {k: v for k, v in base.items() if k not in ("ch", "ch_mult")}
+    net = train.make_unet(cfg, img_ch=1, cond_ch=1)
+    assert net.config["ch"] == 16 and net.conv_in.out_channels == 16 and net.mid[0].conv1.out_channels == 64
+    assert train.make_vae(cfg, 1).config == train.make_vae(base, 1).config

@@ -93,6 +93,10 @@ def test_bad_sampling_arguments(run, argv, fragment, capsys):
     (["--cond_drop", "0", "--sample_guidance", "1"], "--sample_guidance must be >= 0, and > 0 only with --cond_drop"),
     (["--cond_drop", "0.1", "--sample_guidance", "-1"], "--sample_guidance must be >= 0"),
     (["--cond", "none", "--sample_guidance", "1"], "the unconditional baseline"),
+    (["--ch", "20"], "--ch must be a multiple of the preset's norm_groups (8)"),
+    (["--ch", "0"], "--ch must be at least 1"),
+    (["--ch_mult", "1", "2"], "--ch_mult takes 3 integers >= 1"),
+    (["--ch_mult", "1", "0", "2"], "--ch_mult takes 3 integers >= 1"),
 ])
 def test_bad_training_arguments(argv, fragment, capsys):
     fails_with(train.main, ["--stage", "vae", *argv], fragment, capsys=capsys)
