@@ -153,9 +153,9 @@ def parse_args(argv=None):
     if cfg["sample_guidance"] < 0 or (cfg["sample_guidance"] > 0 and not cfg["cond_drop"] > 0):
         p.error(f"--sample_guidance must be >= 0, and > 0 only with --cond_drop > 0 (guidance needs the null input "
                 f"learnt), got {cfg['sample_guidance']} with cond_drop {cfg['cond_drop']}")
-    if args.ch_mult is not None and (len(args.ch_mult) != len(PRESETS[args.preset]["ch_mult"]) or min(args.ch_mult) < 1):
-        p.error(f"--ch_mult takes {len(PRESETS[args.preset]['ch_mult'])} integers >= 1 (one per level of the preset's "
-                f"UNet), got {args.ch_mult}")
+    levels = len(PRESETS[args.preset]["ch_mult"])
+    if args.ch_mult is not None and (len(args.ch_mult) != levels or min(args.ch_mult) < 1):
+        p.error(f"--ch_mult takes {levels} integers >= 1 (one per level of the preset's UNet), got {args.ch_mult}")
     if cfg["ch"] % cfg["norm_groups"]:
         p.error(f"--ch must be a multiple of the preset's norm_groups ({cfg['norm_groups']}), got {cfg['ch']}")
     if args.stage == "vae" and args.lr is not None:
