@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unet import UpsampleConv
+
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -57,8 +59,8 @@ def _block(c_in, c_out, stride):
                          nn.Conv2d(c_out, c_out, 3, 1, 1), nn.GroupNorm(8, c_out), nn.SiLU())
 
 
-def _up_block(c_in, c_out):
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1),
+def _up_block(c_in, c_out):  # the Identity holds the place of the nn.Upsample UpsampleConv took in: saved VAEs load
+    return nn.Sequential(nn.Identity(), UpsampleConv(c_in, c_out),
                          nn.GroupNorm(8, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, 1, 1),
                          nn.GroupNorm(8, c_out), nn.SiLU())
 

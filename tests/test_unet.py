@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from unet import AttnBlock, UNet, timestep_embedding
+from unet import AttnBlock, UNet, UpsampleConv, timestep_embedding
 
 # Small enough to run in well under a second on 2 cores, yet with every part: attention (at 8x8 and in the
 # middle), a 1x1 skip conv (64 -> 128 channels), down/upsampling, dropout. ch = 64 so that every GroupNorm
@@ -115,6 +115,35 @@ def test_attention_matches_explicit_softmax_formula():
     a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(C), dim=-1) @ v    # (B, HW, C)
     expected = x + (a @ blk.proj.weight.T + blk.proj.bias).transpose(1, 2).reshape(B, C, H, W)
     assert torch.allclose(blk(x), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_upsample_conv_is_nearest_x2_then_3x3_conv_values_and_gradients(fast):
+    # the reference upsamples by repeating every pixel into a 2x2 block, then convolves: the layer's definition
+    torch.manual_seed(0)
+    layer = UpsampleConv(5, 4, fast=fast).double()
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)                       # (3, 5, 12, 14)
+    expected = torch.nn.functional.conv2d(up, layer.weight, layer.bias, padding=1)      # (3, 4, 12, 14)
+    out = layer(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, rtol=0, atol=1e-13 * expected.abs().max().item())
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+    want = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13 * b.abs().max().item())
+
+
+def test_upsample_conv_keeps_a_plain_convs_parameters_and_channels_last():
+    plain = torch.nn.Conv2d(4, 6, 3, 1, 1)
+    layer = UpsampleConv(4, 6)
+    layer.load_state_dict(plain.state_dict())  # strict: the same keys and shapes, so saved models load
+    cl = torch.channels_last
+    x = torch.randn(2, 4, 5, 5)
+    out = layer.to(memory_format=cl)(x.contiguous(memory_format=cl))
+    expected = plain(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.allclose(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 def test_channels_last_gives_the_same_output():
