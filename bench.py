@@ -11,10 +11,12 @@ latency, and before/after figures for the speed choices the code makes (modelled
 
 Sections. stage2: train.py's stage-2 step end to end (x_hat_0 from the frozen VAE, L_DDPM, backward, clipping,
 AdamW, EMA), the encoder + decoder of every batch (train.py --no_cache) against the cached q(z|x) codes (decoder
-only), with channels_last on and off for the UNet and for the VAE. stage1: the VAE's step, contiguous against
-channels_last. unet: the UNet's step in both layouts, its share of the conv peak, and the convolution shapes that
-take its time (torch.profiler). sample: 10-step refinement of 1000 images in both layouts, and the latency of 10, 100
-and 1000 steps. ab: the EMA and attention kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel.
+only), contiguous against channels_last, UpsampleConv as nearest x2 + 3x3 conv against its transposed form.
+stage1: the VAE's step by the paths of STEP_PATHS (layout, up-conv form). unet: the UNet's step by the same paths,
+its share of the conv peak, and the convolution shapes that take its time (torch.profiler). sample: 10-step
+refinement of 1000 images by the same paths, and the latency of 10, 100 and 1000 steps. ab: the EMA and attention
+kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel. In every before/after the "before" is the
+code of the speed issue's time (contiguous, nearest+conv, and for stage 2 the encoder on every batch).
 
 The networks are built from train.PRESETS as train.py builds them, with random weights and random inputs in [-1, 1]
 (the speed depends on neither); data loading is not timed. On CUDA the steps run under runtime.py's bf16 autocast
@@ -46,6 +48,7 @@ import ddpm
 import diffusevae as DV
 import runtime
 from train import EMA, PRESETS, make_unet, make_vae, step_seed
+from unet import UpsampleConv
 
 IMG_CH = {"fashion_mnist": 1, "cifar10": 3}  # image channels of each preset's dataset
 SECTIONS = ("stage2", "stage1", "unet", "sample", "ab", "diffusers")
@@ -185,6 +188,21 @@ def build(kind, preset, device, dropout=None):
     return make_unet(cfg, img_ch, cond_ch=img_ch if kind == "unet" else 0, dropout=dropout).to(device)
 
 
+def upsampling(model, fast):
+    """Every UpsampleConv of the model as one transposed conv (fast, train.py's) or as nearest x2 then a 3x3 conv
+    (the definition, the code before the transposed form): the old path of the before/after rows."""
+    for m in model.modules():
+        if isinstance(m, UpsampleConv):
+            m.fast = fast
+    return model
+
+
+# the before/after paths of a training step: name -> (channels_last, UpsampleConv as a transposed conv); the first is
+# the code of the speed issue's time, the last train.py's on the CPU
+STEP_PATHS = {"contiguous, nearest+conv": (False, False), "channels_last, nearest+conv": (True, False),
+              "channels_last, transposed up-conv": (True, True)}
+
+
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -213,11 +231,11 @@ def optimise(model, opt, ema, loss, step):
 
 # ----------------------------------------------------------------------------- training steps
 
-def train_step(kind, preset, batch, device, channels_last):
+def train_step(kind, preset, batch, device, channels_last, fast_up=True):
     """train.py's optimisation step of the VAE (stage 1) or the UNet (stage 2, x_hat_0 given) on a fixed random
     batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update."""
     cfg = PRESETS[preset]
-    model = build(kind, preset, device).train()
+    model = upsampling(build(kind, preset, device).train(), fast_up)
     x0 = random_images(cfg, batch, device)
     x_hat0 = (x0 + 0.1 * torch.randn_like(x0)).clamp(-1, 1)  # stands in for the frozen VAE's dec(z): not timed
     if channels_last:
@@ -250,54 +268,56 @@ def count_flops(loss_fn, model):
     return counter.get_total_flops()
 
 
-def bench_train(kind, preset, batch, device, iters, rounds, peak):
-    """The training step contiguous and channels_last, interleaved: time, FLOPs, % of peak, peak memory.
-    -> (a row per layout, their A/B row)."""
-    steps = {cl: train_step(kind, preset, batch, device, cl) for cl in (False, True)}
-    flops = count_flops(*steps[False][1:])
+def bench_train(kind, preset, batch, device, iters, rounds, peak, paths=STEP_PATHS):
+    """The training step by each path (STEP_PATHS), interleaved: time, FLOPs (each path's own: the transposed
+    up-conv does fewer), % of peak, peak memory. -> (a row per path, the A/B rows of the first against the rest)."""
+    steps = {name: train_step(kind, preset, batch, device, *flags) for name, flags in paths.items()}
+    flops = {name: count_flops(*s[1:]) for name, s in steps.items()}
     mem = {}
-    for cl, (step, _, _) in steps.items():  # the warm-up, and each layout's memory in a steady step
+    for name, (step, _, _) in steps.items():  # the warm-up, and each path's memory in a steady step
         peak_memory_mib(device, reset=True)
         step(), step()
-        mem[cl] = peak_memory_mib(device)
-    sec = race({cl: s[0] for cl, s in steps.items()}, iters, rounds, device, warmup=0)
-    rows = [dict(model=f"{kind} ({preset})", batch=batch, params=n_params(steps[cl][2]), layout=layout(cl),
-                 ms_per_step=1e3 * sec[cl], img_per_s=batch / sec[cl], gflop_per_step=flops / 1e9,
-                 gflop_per_s=flops / sec[cl] / 1e9, pct_of_peak=100 * flops / sec[cl] / 1e9 / peak,
-                 peak_mem_mib=mem[cl]) for cl in (False, True)]
+        mem[name] = peak_memory_mib(device)
+    sec = race({name: s[0] for name, s in steps.items()}, iters, rounds, device, warmup=0)
+    rows = [dict(model=f"{kind} ({preset})", batch=batch, params=n_params(steps[p][2]), path=p,
+                 ms_per_step=1e3 * sec[p], img_per_s=batch / sec[p], gflop_per_step=flops[p] / 1e9,
+                 gflop_per_s=flops[p] / sec[p] / 1e9, pct_of_peak=100 * flops[p] / sec[p] / 1e9 / peak,
+                 peak_mem_mib=mem[p]) for p in steps]
     name = "VAE (stage 1)" if kind == "vae" else "UNet"
-    ab = ab_row(f"{name} train step, {preset} preset, batch {batch}", "contiguous", "channels_last",
-                1e3 * sec[False], 1e3 * sec[True], batch)
-    return rows, ab
+    before, *afters = steps
+    abs_ = [ab_row(f"{name} train step, {preset} preset, batch {batch}", before, after, 1e3 * sec[before],
+                   1e3 * sec[after], batch) for after in afters]
+    return rows, abs_
 
 
-TRAIN_HEADER = ["model", "batch", "params", "layout", "ms/step", "img/s", "GFLOP/step", "GFLOP/s", "% peak",
+TRAIN_HEADER = ["model", "batch", "params", "path", "ms/step", "img/s", "GFLOP/step", "GFLOP/s", "% peak",
                 "peak MiB"]
 
 
 # ----------------------------------------------------------------------------- stage 2 end to end
 
-# name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last); the first is the "before"
+# name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last, UpsampleConv as a transposed conv); the
+# first is the "before" (the code of the speed issue's time), the last train.py's on the CPU
 STAGE2_VARIANTS = {
-    "encoder+decoder, contiguous": (False, False, False),
-    "cached codes, contiguous": (True, False, False),
-    "cached, UNet channels_last": (True, True, False),
-    "cached, VAE channels_last": (True, False, True),
-    "cached, both channels_last": (True, True, True),
+    "encoder+decoder, contiguous, nearest+conv": (False, False, False, False),
+    "cached codes, contiguous, nearest+conv": (True, False, False, False),
+    "cached, both channels_last, nearest+conv": (True, True, True, False),
+    "cached, both channels_last, transposed up-conv": (True, True, True, True),
 }
 
 
-def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, seed=0):
+def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, seed=0):
     """train.py's stage-2 step on a fixed random batch, as step() -> the loss: x_hat_0 from the frozen VAE (no
     grad), L_DDPM (form 2, t <= the preset's t_start), backward, clipping, AdamW, EMA. cached: x_hat_0 = dec(z),
     z ~ q(z|x) from codes encoded once beforehand (train.py's default); else encoder + decoder on every batch
     (train.py --no_cache). Each step seeds torch as train.py does (step_seed), then z, t and noise are drawn in
-    train.py's order, so the two paths draw the same z, t and noise and train the same model."""
+    train.py's order, so the two paths draw the same z, t and noise and train the same model. fast_up: the
+    UpsampleConvs of both networks as transposed convs (train.py's), else as nearest x2 then a 3x3 conv."""
     cfg = PRESETS[preset]
     img_ch = IMG_CH[cfg["dataset"]]
     torch.manual_seed(seed)  # the same weights and batch for every variant
-    vae = make_vae(cfg, img_ch).to(device).eval().requires_grad_(False)
-    unet = make_unet(cfg, img_ch, cond_ch=img_ch).to(device).train()
+    vae = upsampling(make_vae(cfg, img_ch).to(device).eval().requires_grad_(False), fast_up)
+    unet = upsampling(make_unet(cfg, img_ch, cond_ch=img_ch).to(device).train(), fast_up)
     x0 = random_images(cfg, batch, device)
     if vae_cl:
         vae.to(memory_format=CL)
@@ -339,14 +359,17 @@ def conv_flops(op, shapes, args):
     gradient and one for the weight's (each when asked for: the first conv's input needs none)."""
     if op == "aten::convolution":  # (input, weight, bias, stride, padding, dilation, transposed, out_padding, groups)
         (B, c_in, H, W), (c_out, c_g, kh, kw) = shapes[0], shapes[1]
-        stride, pad, dil = args[3], args[4], args[5]
+        stride, pad, dil, transposed = args[3], args[4], args[5], args[6]
         h_out = (H + 2 * pad[0] - dil[0] * (kh - 1) - 1) // stride[0] + 1
         w_out = (W + 2 * pad[1] - dil[1] * (kw - 1) - 1) // stride[1] + 1
         convs = 1
-    else:  # convolution_backward(grad_out, input, weight, bias_sizes, stride, padding, dilation, ..., output_mask)
-        (B, c_out, h_out, w_out), (_, c_in, H, W), (_, c_g, kh, kw) = shapes[:3]
-        stride, mask = args[4], args[10]
+    else:  # convolution_backward(grad_out, input, weight, bias_sizes, stride, padding, dilation, transposed, ...,
+        (B, c_out, h_out, w_out), (_, c_in, H, W), (_, c_g, kh, kw) = shapes[:3]  # output_mask)
+        stride, transposed, mask = args[4], args[7], args[10]
         convs = int(mask[0]) + int(mask[1])
+    if transposed:  # weight (C_in, C_out / groups, k, k): every input pixel meets every tap and output channel
+        label = f"{kh}x{kw}/{stride[0]} transposed {c_in}->{c_g} @{H}x{W}"
+        return label, 2 * B * c_in * H * W * c_g * kh * kw * convs
     label = f"{kh}x{kw}/{stride[0]} {c_in}->{c_out} @{H}x{W}"
     return label, 2 * B * c_out * h_out * w_out * c_g * kh * kw * convs
 
@@ -385,26 +408,28 @@ def conv_profile(step, device, conv_peak, steps=3, top=8):
 
 # ----------------------------------------------------------------------------- sampling
 
-def bench_sampling_ab(device, n_images, batch):
+def bench_sampling_ab(device, n_images, batch, paths=STEP_PATHS):
     """10-step refinement (diffusevae.refine, form 2, from the cpu preset's t_start) of n_images in batches,
-    the same UNet and inputs contiguous and channels_last, the batches interleaved: an A/B row in images/s."""
+    the same UNet and inputs by each path (STEP_PATHS), the batches interleaved: A/B rows in images/s."""
     cfg = PRESETS["cpu"]
     torch.manual_seed(0)
     net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     x_hat0 = vae.sample(batch, device=device)[0]
-    nets = {False: net, True: copy.deepcopy(net).to(memory_format=CL)}
-    inputs = {False: x_hat0, True: x_hat0.contiguous(memory_format=CL)}
+    nets = {p: upsampling(copy.deepcopy(net).to(memory_format=CL if cl else torch.contiguous_format), fast)
+            for p, (cl, fast) in paths.items()}
+    inputs = {p: x_hat0.contiguous(memory_format=CL) if cl else x_hat0 for p, (cl, _) in paths.items()}
 
-    def refine(cl, steps=10):
-        return lambda: DV.refine(nets[cl], diffusion, inputs[cl], form=2, steps=steps, t_start=cfg["t_start"],
+    def refine(p, steps=10):
+        return lambda: DV.refine(nets[p], diffusion, inputs[p], form=2, steps=steps, t_start=cfg["t_start"],
                                  param=cfg["param"])
     with torch.inference_mode():
-        for cl in nets:
-            refine(cl, steps=1)()  # warm-up at the batch's shapes
-        sec = race({cl: refine(cl) for cl in nets}, 1, max(1, n_images // batch), device, warmup=0)
-    return ab_row(f"10-step refinement, {max(1, n_images // batch) * batch} images in batches of {batch}",
-                  "contiguous", "channels_last", 1e3 * sec[False], 1e3 * sec[True], batch)
+        for p in nets:
+            refine(p, steps=1)()  # warm-up at the batch's shapes
+        sec = race({p: refine(p) for p in nets}, 1, max(1, n_images // batch), device, warmup=0)
+    before, *afters = paths
+    return [ab_row(f"10-step refinement, {max(1, n_images // batch) * batch} images in batches of {batch}",
+                   before, after, 1e3 * sec[before], 1e3 * sec[after], batch) for after in afters]
 
 
 def bench_sampling(device, batch, quick, n):
@@ -481,9 +506,11 @@ def bench_attention(preset, batch, device, iters):
 
 def bench_diffusers(UNet2DModel, device, batch, iters, rounds):
     """Our canonical DDPM CIFAR-10 UNet (unconditional, dropout 0) beside diffusers' UNet2DModel, matched, both in
-    the same memory format (a pair of rows per layout), the four interleaved in one process on the same batch."""
+    the same memory format (rows per layout), interleaved in one process on the same batch; ours also with its
+    UpsampleConvs as nearest x2 then a 3x3 conv, the computation diffusers' Upsample2D does."""
     cfg = PRESETS["cifar10"]
     ours = build("ddpm", "cifar10", device, dropout=0.0)
+    ours_nearest = upsampling(copy.deepcopy(ours), fast=False)
     attn = [cfg["image_size"] // 2**i in cfg["attn_resolutions"] for i in range(len(cfg["ch_mult"]))]
     chans = [cfg["ch"] * m for m in cfg["ch_mult"]]
     theirs = UNet2DModel(
@@ -501,6 +528,7 @@ def bench_diffusers(UNet2DModel, device, batch, iters, rounds):
     for cl in (False, True):
         xl = x.contiguous(memory_format=CL) if cl else x
         for name, model, output in (("ours (unet.UNet)", ours, lambda out: out),
+                                    ("ours, nearest+conv upsampling", ours_nearest, lambda out: out),
                                     ("diffusers UNet2DModel", theirs, lambda out: out.sample)):
             m = copy.deepcopy(model).to(memory_format=CL) if cl else model
 
@@ -565,21 +593,22 @@ def main(argv=None):
         out["stage1"] = dict(rows=rows, ab=ab)
         show(f"stage-1 (VAE) training step: forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} {tag}",
              TRAIN_HEADER, rows)
-        show(f"stage-1 A/B ({ab_note})", AB_IMG_HEADER, [ab])
+        show(f"stage-1 A/B ({ab_note})", AB_IMG_HEADER, ab)
     if "unet" in args.only:
         rows, abs_ = [], []
         for preset, batch, iters in (("cpu", PRESETS["cpu"]["batch_size"], n(8, 2)), ("cifar10", cifar_batch, n(4, 1))):
             r, ab = bench_train("unet", preset, batch, device, iters, rounds, peak)
             rows += r
-            abs_.append(ab)
+            abs_ += ab
         show(f"UNet training step (x_hat_0 given): forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} "
              f"{tag}", TRAIN_HEADER, rows)
         show(f"UNet A/B ({ab_note})", AB_IMG_HEADER, abs_)
         cfg = PRESETS["cpu"]
         step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
         convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
-        mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["layout"] == layout(rt.channels_last))
-        print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {layout(rt.channels_last)}, train.py's layout): "
+        path = next(p for p, (cl, fast) in STEP_PATHS.items() if cl == rt.channels_last and fast)
+        mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
+        print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
               f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "
               f"{conv_peak:.0f}; under the profiler the convolutions take {summary['conv_ms']:.0f} of "
               f"{summary['profiled_step_ms']:.0f} ms ({100 * summary['conv_share_of_step']:.0f}%), at "
@@ -592,7 +621,7 @@ def main(argv=None):
         n_images, batch = (125, 125) if args.iters else (250, 125) if args.quick else (1000, 250)
         ab = bench_sampling_ab(device, n_images, batch)
         show(f"10-step sampling throughput: diffusevae.refine, cpu preset, inference_mode; {ab_note} {tag}",
-             AB_IMG_HEADER, [ab])
+             AB_IMG_HEADER, ab)
         sampling, mem, ab_a = bench_sampling(device, 64, rough, n)
         show(f"DDIM refinement latency, cpu-preset UNet, batch 64, inference_mode; peak memory {mem:.0f} MiB {tag}",
              ["steps", "batch", "s/batch", "ms/image", "how"], sampling)
@@ -607,12 +636,13 @@ def main(argv=None):
         rows = out["diffusers"] = bench_diffusers(UNet2DModel, device, cifar_batch, n(5, 2), rounds)
         show(f"forward + backward, the DDPM CIFAR-10 UNet in a matched configuration, same batch, process and memory "
              f"format {tag}", ["model", "layout", "params", "batch", "ms fwd+bwd", "img/s"], rows)
-        ours, theirs = rows[0]["params"], rows[1]["params"]
+        ours, theirs = rows[0]["params"], rows[2]["params"]
         print("parameter counts identical: the same modules" if ours == theirs else f"parameter difference "
               f"{theirs - ours:+,}: the mapping in bench_diffusers no longer matches the preset")
-        by = {(r["model"].split()[0], r["layout"]): r["ms_fwd_bwd"] for r in rows}
-        print("img/s ours / diffusers: " + ", ".join(f"{lay} {by['diffusers', lay] / by['ours', lay]:.2f}"
-                                                       for lay in ("contiguous", "channels_last")))
+        by = {(r["model"], r["layout"]): r["ms_fwd_bwd"] for r in rows}
+        for name in ("ours (unet.UNet)", "ours, nearest+conv upsampling"):
+            print(f"img/s {name} / diffusers: " + ", ".join(
+                f"{lay} {by['diffusers UNet2DModel', lay] / by[name, lay]:.2f}" for lay in ("contiguous", "channels_last")))
     print(f"\ntotal {time.time() - t_start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

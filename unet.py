@@ -107,8 +107,10 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-# UP_TAPS[r, k] = 1 when tap k of a 3x3 kernel's axis reaches tap r of UpsampleConv's 4-tap transposed conv (below)
-UP_TAPS = torch.tensor([[0., 0., 1.], [0., 1., 1.], [1., 1., 0.], [1., 0., 0.]])
+def four_taps(w, dim):
+    """The taps (w_2, w_1 + w_2, w_0 + w_1, w_0) along `dim` of a kernel with taps (w_0, w_1, w_2) along it."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
 
 
 class UpsampleConv(nn.Conv2d):
@@ -117,23 +119,20 @@ class UpsampleConv(nn.Conv2d):
     Computed as the same linear map in one stride-2 transposed conv (fast=True, the default): output pixel
     (2i + a, 2j + b) of "upsample, then conv with w" sees only x's rows i - 1 + a .. i + a and columns j - 1 + b ..
     j + b, so along each axis input row i reaches output rows 2i - 1 .. 2i + 2 with the taps
-    (w_2, w_1 + w_2, w_0 + w_1, w_0) = UP_TAPS w. The 4x4 kernel UP_TAPS w UP_TAPS^T does 16 multiply-adds per input
-    pixel and channel pair where the upsampled 3x3 conv does 4 x 9 = 36, and the 4x larger copy of x is never made
-    (bench.py, section ab). The parameters are the 3x3 conv's, so checkpoints do not change; fast=False runs the
-    definition (tests/test_unet.py: the two agree, values and gradients, to float64 precision).
+    (w_2, w_1 + w_2, w_0 + w_1, w_0) (four_taps). The 4x4 kernel does 16 multiply-adds per input pixel and channel
+    pair where the upsampled 3x3 conv does 4 x 9 = 36, and the 4x larger copy of x is never made (bench.py: the
+    "transposed up-conv" rows). The parameters are the 3x3 conv's, so checkpoints do not change; fast=False runs
+    the definition (tests/test_unet.py: the two agree, values and gradients, to float64 precision).
     """
 
     def __init__(self, c_in, c_out, fast=True):
         super().__init__(c_in, c_out, 3, 1, 1)
         self.fast = fast
-        # kron(UP_TAPS, UP_TAPS)^T: a 3x3 kernel flattened (9,) -> its 4x4 transposed-conv kernel flattened (16,)
-        self.register_buffer("taps", torch.kron(UP_TAPS, UP_TAPS).T.contiguous(), persistent=False)
 
     def forward(self, x):
         if not self.fast:
             return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        c_out, c_in = self.weight.shape[:2]
-        k = (self.weight.reshape(c_out * c_in, 9) @ self.taps).view(c_out, c_in, 4, 4)
+        k = four_taps(four_taps(self.weight, 2), 3)                  # (C_out, C_in, 4, 4)
         return F.conv_transpose2d(x, k.transpose(0, 1), self.bias, stride=2, padding=1)  # wants (C_in, C_out, 4, 4)
 
 
