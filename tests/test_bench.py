@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import vae as vae_module
+from unet import UpsampleConv
 
 CPU = torch.device("cpu")
 TINY = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], norm_groups=8, image_size=16,
@@ -91,6 +92,19 @@ def test_conv_flops_read_off_the_profiler_match_the_flop_counter():
     found = [bench.conv_flops(e.name, e.input_shapes, e.concrete_inputs) for e in events]
     assert sum(f for _, f in found) == counter.get_total_flops()
     assert {label for label, _ in found} == {"3x3/2 6->8 @9x9", "1x1/1 8->4 @5x5", "4x4/2 transposed 4->3 @5x5"}
+
+
+def test_the_transposed_up_conv_path_does_16_of_the_36_multiply_adds_of_each_upsampling(tiny):
+    """bench's fast_up flag reaches every UpsampleConv, and torch's FLOP count sees the saving: per upsampling conv
+    and pass (forward, input gradient, weight gradient) 2 B C_in C_out H W (36 - 16) FLOPs fewer, H x W its input."""
+    flops = {}
+    for fast in (False, True):
+        _, loss_fn, model = bench.train_step("unet", "cpu", 4, CPU, channels_last=False, fast_up=fast)
+        ups = [m for m in model.modules() if isinstance(m, UpsampleConv)]
+        assert len(ups) == 1 and ups[0].fast == fast  # TINY: two levels, one upsampling
+        flops[fast] = bench.count_flops(loss_fn, model)
+    B, C, H = 4, TINY["ch"] * TINY["ch_mult"][1], TINY["image_size"] // 2
+    assert flops[False] - flops[True] == 3 * 2 * B * C * C * H * H * (36 - 16)
 
 
 class FakeUNet2DModel(torch.nn.Module):
