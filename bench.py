@@ -1,8 +1,8 @@
 """Benchmark DiffuseVAE's networks: training throughput, FLOPs and fraction of peak, memory, sampling throughput and
 latency, and before/after figures for the speed choices the code makes (modelled on nanoGPT's bench.py).
 
-    python bench.py                        # every section but the diffusers comparison (~6 min on 2 idle CPU cores)
-    python bench.py --quick                # fewer iterations, 250 sampled images, 100/1000 steps extrapolated (~1 min)
+    python bench.py                        # every section but the diffusers comparison (~15 min on 2 idle CPU cores)
+    python bench.py --quick                # fewer iterations, 250 sampled images, 100/1000 steps extrapolated (a few minutes)
     python bench.py --only stage2 sample   # some sections: stage2 stage1 unet sample ab diffusers, or all
     python bench.py --diffusers            # only our CIFAR-10 UNet beside diffusers' UNet2DModel (needs diffusers)
     python bench.py --quick --iters 1      # a smoke run: one timed iteration of everything
