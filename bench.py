@@ -198,7 +198,7 @@ def upsampling(model, fast):
 
 
 # the before/after paths of a training step: name -> (channels_last, UpsampleConv as a transposed conv); the first is
-# the code of the speed issue's time, the last train.py's on the CPU
+# the code of the speed issue's time, the last train.py's and sample.py's on the CPU
 STEP_PATHS = {"contiguous, nearest+conv": (False, False), "channels_last, nearest+conv": (True, False),
               "channels_last, transposed up-conv": (True, True)}
 

@@ -20,6 +20,7 @@ import torch
 
 import ddpm
 import diffusevae as DV
+import runtime
 from checkpoint import CheckpointError, load
 from data import FASHION_CLASSES, DataError, load_dataset, save_grid, to_model_range, to_unit_range
 from unet import UNet
@@ -68,7 +69,9 @@ def parse_args(argv=None):
                    help="--mode control: evaluate.py's judge of class agreement (trained with blurred images too)")
     p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith/degrade")
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
+    p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="NHWC memory format for the convs (auto: runtime.py's choice for the device, as train.py)")
     args = p.parse_args(argv)
     if args.eta < 0:
         p.error(f"--eta must be >= 0 (0 = deterministic DDIM, 1 = ancestral), got {args.eta}")
@@ -94,8 +97,9 @@ def parse_args(argv=None):
     return args
 
 
-def load_models(path, device):
-    """Rebuild the EMA denoiser, the VAE (if any) and the diffusion process from a stage-2 checkpoint."""
+def load_models(path, device, channels_last=None):
+    """Rebuild the EMA denoiser, the VAE (if any) and the diffusion process from a stage-2 checkpoint, in the
+    memory format runtime.choose picks for the device (channels_last None) or the one given."""
     ck = load(path, stage="ddpm", hint="Train one with: python train.py --stage vae && python train.py --stage ddpm")
     cfg = ck["config"]
     net = UNet(**ck["model_args"])
@@ -110,6 +114,8 @@ def load_models(path, device):
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: its weights do not fit its model_args ({str(e)[:200]}); the file is damaged")
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
+    if runtime.choose(device.type, channels_last=channels_last).channels_last:  # NHWC convs: bench.py "sample"
+        net, vae = (m.to(memory_format=torch.channels_last) if m is not None else None for m in (net, vae))
     return net.to(device).eval(), vae, diffusion, cfg
 
 
@@ -159,9 +165,9 @@ def class_mean_z(vae, cfg, args, device, label):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = runtime.pick_device(args.device)
     try:
-        net, vae, diffusion, cfg = load_models(args.ckpt, device)
+        net, vae, diffusion, cfg = load_models(args.ckpt, device, {"auto": None, "on": True, "off": False}[args.channels_last])
         if args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the T = {diffusion.T} steps the model was trained with")
         trained = cfg.get("t_start", "full")
