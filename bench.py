@@ -11,12 +11,15 @@ latency, and before/after figures for the speed choices the code makes (modelled
 
 Sections. stage2: train.py's stage-2 step end to end (x_hat_0 from the frozen VAE, L_DDPM, backward, clipping,
 AdamW, EMA), the encoder + decoder of every batch (train.py --no_cache) against the cached q(z|x) codes (decoder
-only), contiguous against channels_last, UpsampleConv as nearest x2 + 3x3 conv against its transposed form.
-stage1: the VAE's step by the paths of STEP_PATHS (layout, up-conv form). unet: the UNet's step by the same paths,
-its share of the conv peak, and the convolution shapes that take its time (torch.profiler). sample: 10-step
-refinement of 1000 images by the same paths, and the latency of 10, 100 and 1000 steps. ab: the EMA and attention
+only), contiguous against channels_last, UpsampleConv as nearest x2 + 3x3 conv against its transposed form, the
+UNet's ResBlocks making a new tensor at every op against computing in place (code_path). stage1: the VAE's step
+by the paths of STEP_PATHS (layout, up-conv form; it has no ResBlocks). unet: the UNet's step by every path of
+STEP_PATHS (layout, up-conv form, in place), its share of the conv peak, and the convolution shapes that take its
+time (torch.profiler). sample: 10-step refinement of 1000 images by the same paths (the last is sample.py's), and
+the latency of 10, 100 and 1000 steps. ab: the EMA and attention
 kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel. In every before/after the "before" is the
-code of the speed issue's time (contiguous, nearest+conv, and for stage 2 the encoder on every batch).
+code of the speed issue's time (contiguous, nearest+conv, a new tensor at every op, and for stage 2 the encoder on
+every batch).
 
 The networks are built from train.PRESETS as train.py builds them, with random weights and random inputs in [-1, 1]
 (the speed depends on neither); data loading is not timed. On CUDA the steps run under runtime.py's bf16 autocast
@@ -48,7 +51,7 @@ import ddpm
 import diffusevae as DV
 import runtime
 from train import EMA, PRESETS, make_unet, make_vae, step_seed
-from unet import UpsampleConv
+from unet import ResBlock, UpsampleConv
 
 IMG_CH = {"fashion_mnist": 1, "cifar10": 3}  # image channels of each preset's dataset
 SECTIONS = ("stage2", "stage1", "unet", "sample", "ab", "diffusers")
@@ -188,19 +191,24 @@ def build(kind, preset, device, dropout=None):
     return make_unet(cfg, img_ch, cond_ch=img_ch if kind == "unet" else 0, dropout=dropout).to(device)
 
 
-def upsampling(model, fast):
-    """Every UpsampleConv of the model as one transposed conv (fast, train.py's) or as nearest x2 then a 3x3 conv
-    (the definition, the code before the transposed form): the old path of the before/after rows."""
+def code_path(model, fast_up, in_place=True):
+    """The model's old or new code paths (the before/after rows): every UpsampleConv as one transposed conv
+    (fast_up, train.py's) or as nearest x2 then a 3x3 conv (the definition, the code before the transposed form);
+    every ResBlock computing in place (train.py's) or making a new tensor at every op (the code before)."""
     for m in model.modules():
         if isinstance(m, UpsampleConv):
-            m.fast = fast
+            m.fast = fast_up
+        if isinstance(m, ResBlock):
+            m.in_place = in_place
     return model
 
 
-# the before/after paths of a training step: name -> (channels_last, UpsampleConv as a transposed conv); the first is
-# the code of the speed issue's time, the last train.py's and sample.py's on the CPU
-STEP_PATHS = {"contiguous, nearest+conv": (False, False), "channels_last, nearest+conv": (True, False),
-              "channels_last, transposed up-conv": (True, True)}
+# the before/after paths of a training step: name -> (channels_last, UpsampleConv as a transposed conv, ResBlocks in
+# place); the first is the code of the speed issue's time, the last train.py's and sample.py's on the CPU
+STEP_PATHS = {"contiguous, nearest+conv": (False, False, False), "channels_last, nearest+conv": (True, False, False),
+              "channels_last, transposed up-conv": (True, True, False),
+              "channels_last, transposed, in place": (True, True, True)}
+VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks
 
 
 def n_params(model):
@@ -231,11 +239,11 @@ def optimise(model, opt, ema, loss, step):
 
 # ----------------------------------------------------------------------------- training steps
 
-def train_step(kind, preset, batch, device, channels_last, fast_up=True):
+def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_place=True):
     """train.py's optimisation step of the VAE (stage 1) or the UNet (stage 2, x_hat_0 given) on a fixed random
     batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update."""
     cfg = PRESETS[preset]
-    model = upsampling(build(kind, preset, device).train(), fast_up)
+    model = code_path(build(kind, preset, device).train(), fast_up, in_place)
     x0 = random_images(cfg, batch, device)
     x_hat0 = (x0 + 0.1 * torch.randn_like(x0)).clamp(-1, 1)  # stands in for the frozen VAE's dec(z): not timed
     if channels_last:
@@ -296,28 +304,30 @@ TRAIN_HEADER = ["model", "batch", "params", "path", "ms/step", "img/s", "GFLOP/s
 
 # ----------------------------------------------------------------------------- stage 2 end to end
 
-# name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last, UpsampleConv as a transposed conv); the
-# first is the "before" (the code of the speed issue's time), the last train.py's on the CPU
+# name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last, UpsampleConv as a transposed conv, the
+# UNet's ResBlocks in place); the first is the "before" (the code of the speed issue's time), the last train.py's
 STAGE2_VARIANTS = {
-    "encoder+decoder, contiguous, nearest+conv": (False, False, False, False),
-    "cached codes, contiguous, nearest+conv": (True, False, False, False),
-    "cached, both channels_last, nearest+conv": (True, True, True, False),
-    "cached, both channels_last, transposed up-conv": (True, True, True, True),
+    "encoder+decoder, contiguous, nearest+conv": (False, False, False, False, False),
+    "cached codes, contiguous, nearest+conv": (True, False, False, False, False),
+    "cached, both channels_last, nearest+conv": (True, True, True, False, False),
+    "cached, both channels_last, transposed up-conv": (True, True, True, True, False),
+    "cached, channels_last, transposed, in place": (True, True, True, True, True),
 }
 
 
-def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, seed=0):
+def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, in_place=True, seed=0):
     """train.py's stage-2 step on a fixed random batch, as step() -> the loss: x_hat_0 from the frozen VAE (no
     grad), L_DDPM (form 2, t <= the preset's t_start), backward, clipping, AdamW, EMA. cached: x_hat_0 = dec(z),
     z ~ q(z|x) from codes encoded once beforehand (train.py's default); else encoder + decoder on every batch
     (train.py --no_cache). Each step seeds torch as train.py does (step_seed), then z, t and noise are drawn in
     train.py's order, so the two paths draw the same z, t and noise and train the same model. fast_up: the
-    UpsampleConvs of both networks as transposed convs (train.py's), else as nearest x2 then a 3x3 conv."""
+    UpsampleConvs of both networks as transposed convs (train.py's), else as nearest x2 then a 3x3 conv; in_place:
+    the UNet's ResBlocks compute in place (train.py's), else a new tensor at every op (code_path)."""
     cfg = PRESETS[preset]
     img_ch = IMG_CH[cfg["dataset"]]
     torch.manual_seed(seed)  # the same weights and batch for every variant
-    vae = upsampling(make_vae(cfg, img_ch).to(device).eval().requires_grad_(False), fast_up)
-    unet = upsampling(make_unet(cfg, img_ch, cond_ch=img_ch).to(device).train(), fast_up)
+    vae = code_path(make_vae(cfg, img_ch).to(device).eval().requires_grad_(False), fast_up)
+    unet = code_path(make_unet(cfg, img_ch, cond_ch=img_ch).to(device).train(), fast_up, in_place)
     x0 = random_images(cfg, batch, device)
     if vae_cl:
         vae.to(memory_format=CL)
@@ -416,9 +426,9 @@ def bench_sampling_ab(device, n_images, batch, paths=STEP_PATHS):
     net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     x_hat0 = vae.sample(batch, device=device)[0]
-    nets = {p: upsampling(copy.deepcopy(net).to(memory_format=CL if cl else torch.contiguous_format), fast)
-            for p, (cl, fast) in paths.items()}
-    inputs = {p: x_hat0.contiguous(memory_format=CL) if cl else x_hat0 for p, (cl, _) in paths.items()}
+    nets = {p: code_path(copy.deepcopy(net).to(memory_format=CL if cl else torch.contiguous_format), fast, in_place)
+            for p, (cl, fast, in_place) in paths.items()}
+    inputs = {p: x_hat0.contiguous(memory_format=CL) if cl else x_hat0 for p, (cl, _, _) in paths.items()}
 
     def refine(p, steps=10):
         return lambda: DV.refine(nets[p], diffusion, inputs[p], form=2, steps=steps, t_start=cfg["t_start"],
@@ -510,7 +520,7 @@ def bench_diffusers(UNet2DModel, device, batch, iters, rounds):
     UpsampleConvs as nearest x2 then a 3x3 conv, the computation diffusers' Upsample2D does."""
     cfg = PRESETS["cifar10"]
     ours = build("ddpm", "cifar10", device, dropout=0.0)
-    ours_nearest = upsampling(copy.deepcopy(ours), fast=False)
+    ours_nearest = code_path(copy.deepcopy(ours), fast_up=False)
     attn = [cfg["image_size"] // 2**i in cfg["attn_resolutions"] for i in range(len(cfg["ch_mult"]))]
     chans = [cfg["ch"] * m for m in cfg["ch_mult"]]
     theirs = UNet2DModel(
@@ -589,7 +599,7 @@ def main(argv=None):
         show(f"stage-2 step end to end (x_hat_0 from the frozen VAE + L_DDPM + backward + clip + AdamW + EMA), "
              f"before = train.py --no_cache; {ab_note} {tag}", AB_IMG_HEADER, rows)
     if "stage1" in args.only:
-        rows, ab = bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, n(15, 3), rounds, peak)
+        rows, ab = bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, n(15, 3), rounds, peak, VAE_PATHS)
         out["stage1"] = dict(rows=rows, ab=ab)
         show(f"stage-1 (VAE) training step: forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} {tag}",
              TRAIN_HEADER, rows)
@@ -606,7 +616,8 @@ def main(argv=None):
         cfg = PRESETS["cpu"]
         step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
         convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
-        path = next(p for p, (cl, fast) in STEP_PATHS.items() if cl == rt.channels_last and fast)
+        path = next(p for p, (cl, fast, in_place) in STEP_PATHS.items()
+                    if cl == rt.channels_last and fast and in_place)
         mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
         print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
               f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "

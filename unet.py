@@ -81,8 +81,9 @@ class ResBlock(nn.Module):
     With attn=True it is followed by an AttnBlock (DDPM: after every res block at the attention resolutions).
     """
 
-    def __init__(self, c_in, c_out, temb_ch, dropout, attn=False, groups=32):
+    def __init__(self, c_in, c_out, temb_ch, dropout, attn=False, groups=32, in_place=True):
         super().__init__()
+        self.in_place = in_place  # False: every op makes a new tensor (the code before; bench.py's A/B)
         self.norm1, self.conv1 = norm(c_in, groups), conv(c_in, c_out)
         self.temb_proj = _init(nn.Linear(temb_ch, c_out))
         self.norm2, self.dropout, self.conv2 = norm(c_out, groups), nn.Dropout(dropout), conv(c_out, c_out, zero=True)
@@ -90,10 +91,15 @@ class ResBlock(nn.Module):
         self.attn = AttnBlock(c_out, groups) if attn else nn.Identity()
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))                       # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]      # + (B, C_out, 1, 1), the same at every pixel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.attn(self.skip(x) + h)
+        # In place where nothing needs the old values (bench.py "in place" rows): the adds go into the conv outputs
+        # (a conv's backward needs its input, not its output); SiLU overwrites GroupNorm's output only when no graph
+        # is recorded, i.e. when sampling (under autograd it measured slower).
+        add = torch.Tensor.add_ if self.in_place else torch.add
+        silu_in_place = self.in_place and not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=silu_in_place))      # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = add(h, self.temb_proj(F.silu(temb))[:, :, None, None])          # + (B, C_out, 1, 1), the same at every pixel
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=silu_in_place)))
+        return self.attn(add(h, self.skip(x)))
 
 
 class Downsample(nn.Module):

@@ -103,6 +103,54 @@ def test_gradients_reach_every_parameter():
     assert not dead, f"no gradient reaches {dead}"
 
 
+def test_sampling_modes_give_the_same_output_and_leave_the_inputs_alone():
+    # The ResBlocks compute in place when no graph is recorded (sampling): the same arithmetic in the same order,
+    # so the output is bit-identical under autograd, no_grad and inference_mode; a SiLU done in place on a tensor
+    # used again later (the time embedding, shared by every block) or an add into an input would break this.
+    m = unzero(UNet(**SMALL)).eval()
+    x, t, cond = inputs(m)
+    saved = x.clone(), cond.clone()
+    outs = [m(x, t, cond).detach()]
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            outs.append(m(x, t, cond))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert torch.equal(x, saved[0]) and torch.equal(cond, saved[1])
+
+
+def test_in_place_resblocks_compute_what_the_out_of_place_code_does():
+    # ResBlock.in_place False makes a new tensor at every op (the code before; bench.py's A/B): the same values
+    # in the same order, so outputs and every parameter's gradient agree bit for bit, with and without a graph.
+    import copy
+    from unet import ResBlock
+    m = unzero(UNet(**dict(SMALL, dropout=0.0)))
+    old = copy.deepcopy(m)
+    for block in old.modules():
+        if isinstance(block, ResBlock):
+            block.in_place = False
+    x, t, cond = inputs(m, B=3)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    for net in (m, old):
+        (net(x, t, cond) * g).sum().backward()
+    with torch.inference_mode():
+        assert torch.equal(m(x, t, cond), old(x, t, cond))
+    for (name, p), q in zip(m.named_parameters(), old.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_resblock_gradients_with_its_in_place_adds():
+    # The adds into the conv outputs are in place under autograd too: torch.autograd.gradcheck compares the
+    # analytic gradients (inputs, and through them the graph autograd kept) with central differences in float64.
+    from unet import ResBlock
+    torch.manual_seed(0)
+    block = ResBlock(4, 6, temb_ch=8, dropout=0.0, groups=2).double()
+    with torch.no_grad():
+        block.conv2.weight.normal_(0, 0.2)  # zero-initialised: give its gradient path a slope
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    temb = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x, temb), eps=1e-6, atol=1e-7)
+
+
 def test_attention_matches_explicit_softmax_formula():
     torch.manual_seed(0)
     blk = AttnBlock(64).double()
