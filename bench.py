@@ -442,11 +442,14 @@ def bench_sampling_ab(device, n_images, batch, paths=STEP_PATHS):
                    before, after, 1e3 * sec[before], 1e3 * sec[after], batch) for after in afters]
 
 
-def bench_sampling(device, batch, quick, n):
-    """DDIM refinement latency of the cpu-preset UNet (diffusevae.refine, Formulation 2), and A/B (a)."""
+def bench_sampling(device, batch, quick, n, channels_last):
+    """DDIM refinement latency of the cpu-preset UNet (diffusevae.refine, Formulation 2) in sample.py's memory
+    format, and A/B (a)."""
     peak_memory_mib(device, reset=True)
     cfg = PRESETS["cpu"]
     net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
+    if channels_last:
+        net, vae = net.to(memory_format=CL), vae.to(memory_format=CL)
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     x_hat0 = vae.sample(batch, device=device)[0]  # made under no_grad: usable with autograd on below
     # --quick: every step is one denoiser call of the same cost, so 100 and 1000 steps are 10x and 100x 10 steps
@@ -633,8 +636,9 @@ def main(argv=None):
         ab = bench_sampling_ab(device, n_images, batch)
         show(f"10-step sampling throughput: diffusevae.refine, cpu preset, inference_mode; {ab_note} {tag}",
              AB_IMG_HEADER, ab)
-        sampling, mem, ab_a = bench_sampling(device, 64, rough, n)
-        show(f"DDIM refinement latency, cpu-preset UNet, batch 64, inference_mode; peak memory {mem:.0f} MiB {tag}",
+        sampling, mem, ab_a = bench_sampling(device, 64, rough, n, rt.channels_last)
+        show(f"DDIM refinement latency, cpu-preset UNet, batch 64, {layout(rt.channels_last)}, inference_mode; "
+             f"peak memory {mem:.0f} MiB {tag}",
              ["steps", "batch", "s/batch", "ms/image", "how"], sampling)
         show(f"A/B ({ab_note})", AB_HEADER, ab_a)
         out["sampling"] = dict(ab=ab, rows=sampling, peak_mem_mib=mem, ab_autograd=ab_a)
