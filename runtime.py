@@ -19,6 +19,8 @@ import torch
 
 # channels_last (NHWC) convs on this CPU: measured in bench.py (train step, contiguous vs channels_last).
 CPU_CHANNELS_LAST = True
+# the --channels_last flag of train.py and sample.py -> choose()'s channels_last argument (None: the device's choice)
+CHANNELS_LAST_FLAG = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --ckpt exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+    p.add_argument("--channels_last", default="auto", choices=list(runtime.CHANNELS_LAST_FLAG),
                    help="NHWC memory format for the convs (auto: runtime.py's choice for the device)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
@@ -197,7 +197,7 @@ def setup(args, cfg):
     Rank 0 prints the choices and makes the output folder."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = runtime.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    channels_last = {"auto": None, "on": True, "off": False}[args.channels_last]
+    channels_last = runtime.CHANNELS_LAST_FLAG[args.channels_last]
     rt = runtime.choose(device, args.compile, channels_last, world)
     runtime.apply_global_flags(rt)
     if world > 1:

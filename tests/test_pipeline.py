@@ -131,7 +131,7 @@ def test_sampling_runs_in_the_devices_memory_format_and_gives_the_same_samples(t
     # through 10 denoiser calls and the decoder; measured ~2e-6 on the default model, allowed 1e-4 of the [0, 1] range.
     ck = os.path.join(trained, "ddpm.pt")
     for flag, nhwc in (("auto", runtime.CPU_CHANNELS_LAST), ("on", True), ("off", False)):
-        net, vae, _, _ = sample.load_models(ck, torch.device("cpu"), {"auto": None, "on": True, "off": False}[flag])
+        net, vae, _, _ = sample.load_models(ck, torch.device("cpu"), runtime.CHANNELS_LAST_FLAG[flag])
         for w in (net.conv_in.weight, vae.dec[-1].weight):
             assert w.is_contiguous(memory_format=torch.channels_last) == nhwc and w.is_contiguous() != nhwc
     outs = {}
