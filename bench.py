@@ -5,6 +5,7 @@ latency, and before/after figures for the speed choices the code makes (modelled
     python bench.py --quick                # fewer iterations, 250 sampled images, 100/1000 steps extrapolated (a few minutes)
     python bench.py --only stage2 sample   # some sections: stage2 stage1 unet sample ab diffusers, or all
     python bench.py --diffusers            # only our CIFAR-10 UNet beside diffusers' UNet2DModel (needs diffusers)
+    python bench.py --diffusers --iters 2 --rounds 10   # the same, finer interleaved: steadier on a noisy machine
     python bench.py --quick --iters 1      # a smoke run: one timed iteration of everything
     python bench.py --device cpu --json bench.json
     OMP_NUM_THREADS=1 python bench.py --quick      # one core
@@ -66,13 +67,18 @@ def parse_args(argv=None):
                    help=f"run these sections: {', '.join(SECTIONS)}, or all (default: all but diffusers)")
     p.add_argument("--diffusers", action="store_true", help="only the side-by-side with diffusers' UNet2DModel "
                                                             "(the same as --only diffusers)")
-    p.add_argument("--iters", type=int, default=None, help="every timed loop runs this many iterations, once "
-                                                           "(a smoke run; the figures are then rough)")
+    p.add_argument("--iters", type=int, default=None, help="every timed loop runs this many iterations, in one "
+                                                           "round unless --rounds (a smoke run; rough figures)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds of every A/B race (default 3; --quick 2; --iters 1): each figure is its "
+                        "fastest round's mean, so more rounds of fewer --iters steady an A/B on a noisy machine")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results to PATH as JSON")
     args = p.parse_args(argv)
     if args.iters is not None and args.iters < 1:
         p.error("--iters must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.diffusers and args.only:
         p.error("--diffusers is --only diffusers: give one of the two")
     args.only = (("diffusers",) if args.diffusers else DEFAULT_SECTIONS if not args.only
@@ -573,7 +579,7 @@ def main(argv=None):
 
     def n(full, quick):  # iteration counts
         return args.iters or (quick if args.quick else full)
-    rounds = 1 if args.iters else 2 if args.quick else 3
+    rounds = args.rounds or (1 if args.iters else 2 if args.quick else 3)
     rough = args.quick or args.iters
     torch.manual_seed(0)
     t_start = time.time()

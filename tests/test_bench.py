@@ -30,14 +30,16 @@ def tiny(monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [[], ["--quick"], ["--diffusers"], ["--only", "stage2", "sample"],
-                                  ["--quick", "--iters", "1"], ["--device", "cpu", "--json", "bench.json"]])
+                                  ["--quick", "--iters", "1"], ["--device", "cpu", "--json", "bench.json"],
+                                  ["--diffusers", "--iters", "2", "--rounds", "10"]])
 def test_readme_commands_parse(argv):
     args = bench.parse_args(argv)
     assert set(args.only) <= set(bench.SECTIONS)
     assert ("diffusers" in args.only) == ("--diffusers" in argv)  # diffusers runs only when asked for
 
 
-@pytest.mark.parametrize("argv", [["--only", "bogus"], ["--iters", "0"], ["--diffusers", "--only", "unet"]])
+@pytest.mark.parametrize("argv", [["--only", "bogus"], ["--iters", "0"], ["--rounds", "0"],
+                                  ["--diffusers", "--only", "unet"]])
 def test_bad_flags_are_rejected(argv, capsys):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
