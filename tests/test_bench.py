@@ -36,6 +36,7 @@ def test_readme_commands_parse(argv):
     args = bench.parse_args(argv)
     assert set(args.only) <= set(bench.SECTIONS)
     assert ("diffusers" in args.only) == ("--diffusers" in argv)  # diffusers runs only when asked for
+    assert args.rounds == (int(argv[argv.index("--rounds") + 1]) if "--rounds" in argv else None)
 
 
 @pytest.mark.parametrize("argv", [["--only", "bogus"], ["--iters", "0"], ["--rounds", "0"],
