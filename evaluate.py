@@ -380,7 +380,7 @@ def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0)
     parts = {"total": [], "ddpm": [], "kl_z": []}
     for i in range(0, len(x), batch_size):
         out = bound_bpd(net, diffusion, x[i:i + batch_size].to(device), vae=vae, form=cfg["form"], progress=True,
-                        param=cfg.get("param", "eps"))
+                        param=cfg.get("param", "eps"), border=cfg.get("border", 0))
         for k in parts:
             parts[k].append(out[k].double().cpu())
     parts = {k: torch.cat(v) for k, v in parts.items()}

@@ -100,7 +100,7 @@ def steps(ckpt, clip=True):
     if not os.path.exists(ckpt):
         print(f"skipping samples_vs_steps.png: no {ckpt} (train one: python train.py --stage ddpm)")
         return
-    from sample import generate, load_models, parse_args as sample_options
+    from sample import generate, image_size, load_models, parse_args as sample_options
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net, vae, diffusion, cfg = load_models(ckpt, device)
     if vae is None:
@@ -108,7 +108,7 @@ def steps(ckpt, clip=True):
         return
     g = torch.Generator(device=device).manual_seed(0)
     z = torch.randn(8, vae.z_dim, generator=g, device=device)
-    size, img_ch = net.config["image_size"], net.config["img_ch"]
+    size, img_ch = image_size(net, cfg), net.config["img_ch"]
     noise = torch.randn(8, img_ch, size, size, generator=g, device=device)  # the same x_T noise for every row
     rows, labels, start = [], [], time.time()
     for n in STEP_COUNTS:

@@ -127,14 +127,21 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
         x_hat0 = vae.decode(z)
     if net.config.get("z_dim") and z is None:  # a z-conditioned refiner handed an image: its encoder mean
         z = vae.encode(x_hat0)[0]
-    size = net.config["image_size"]
+    size = image_size(net, cfg)
     x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=args.steps, sampler=args.sampler, eta=args.eta,
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
                    clip_x0=not args.no_clip, spacing=args.spacing, raw_eps=args.raw_eps,
                    t_start=start_of(args, cfg, x_hat0, diffusion), param=cfg.get("param", "eps"),
-                   guidance=guidance_of(args, cfg, x_hat0), z=z if net.config.get("z_dim") else None)
+                   guidance=guidance_of(args, cfg, x_hat0), z=z if net.config.get("z_dim") else None,
+                   border=cfg.get("border", 0))
     return x_hat0, x0.clamp(-1, 1)
+
+
+def image_size(net, cfg):
+    """The side of the images a checkpoint makes: its network's plus the frame it leaves to the data
+    (train.py --border; 0 in checkpoints from before the option)."""
+    return net.config["image_size"] + 2 * cfg.get("border", 0)
 
 
 def guidance_of(args, cfg, x_hat0):
@@ -196,7 +203,7 @@ def main(argv=None):
 def run_mode(args, net, vae, diffusion, cfg, device):
     """Returns (grid rows, arrays to save) for the chosen mode."""
     g = torch.Generator(device=device).manual_seed(args.seed)
-    size, img_ch = net.config["image_size"], net.config["img_ch"]
+    size, img_ch = image_size(net, cfg), net.config["img_ch"]
     z_dim = vae.z_dim if vae is not None else 0
     prior = vae.prior if vae is not None and args.prior == "expost" else None
 
@@ -244,7 +251,7 @@ def run_mode(args, net, vae, diffusion, cfg, device):
 def along_paths(args, net, vae, diffusion, cfg, paths, g):
     """x_hat_0 and its refinement at every point of each path in z, (P, n, C, H, W) each; one DDPM noise per
     path, shared by its points, so that what changes along a path is z alone."""
-    size, img_ch = net.config["image_size"], net.config["img_ch"]
+    size, img_ch = image_size(net, cfg), net.config["img_ch"]
     out = []
     for z in paths:
         noise = torch.randn(1, img_ch, size, size, generator=g, device=z.device).expand(len(z), -1, -1, -1)
@@ -327,7 +334,7 @@ def degrade_table(args, net, vae, diffusion, cfg, device, g):
     import degrade as D
     import evaluate as E
     classifier = classifier_of(args.classifier, "--classifier", device)
-    images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=net.config["image_size"])
+    images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=image_size(net, cfg))
     x = to_model_range(images[: args.n]).to(device)
     ref = E.extract_features(classifier, to_model_range(images).to(device))
     inputs = {"vae recon": vae.decode(vae.encode(x)[0])}

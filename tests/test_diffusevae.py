@@ -427,3 +427,92 @@ def test_ch_and_ch_mult_set_the_widths_of_the_stage_2_unet_only():
     net = train.make_unet(cfg, img_ch=1, cond_ch=1)
     assert net.config["ch"] == 16 and net.conv_in.out_channels == 16 and net.mid[0].conv1.out_channels == 64
     assert train.make_vae(cfg, 1).config == train.make_vae(base, 1).config
+
+
+# ----------------------------------------------------------------------------- the constant frame (train.py --border)
+
+def framed(x, border=2):
+    """x's content inside a frame of FRAME_VALUE, as data.py pads Fashion-MNIST (zeros, -1 in [-1, 1])."""
+    return DV.with_frame(DV.content(x, border), border)
+
+
+def test_content_and_with_frame_are_inverse_on_framed_images():
+    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    c = DV.content(x, 2)
+    assert c.shape == (3, 2, 4, 4) and torch.equal(c, x[..., 2:6, 2:6])
+    y = DV.with_frame(c, 2)
+    assert torch.equal(DV.content(y, 2), c) and torch.equal(DV.with_frame(DV.content(y, 2), 2), y)
+    assert (y[..., :2, :] == DV.FRAME_VALUE).all() and (y[..., :, -2:] == DV.FRAME_VALUE).all()
+    assert not torch.equal(y, x)  # x's own frame was not the constant: the pair is inverse on framed images only
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert DV.content(cl, 2).is_contiguous(memory_format=torch.channels_last)  # the network's layout is kept
+    assert DV.content(x, 0) is x and DV.with_frame(x, 0) is x
+
+
+@pytest.mark.parametrize("form,param", [(1, "eps"), (2, "eps"), (2, "residual")])
+def test_ddpm_loss_with_a_border_is_the_loss_of_the_content(diff, form, param):
+    # the network sees, and is scored on, the content only; the frame changes nothing
+    g = torch.Generator().manual_seed(11)
+    x0, x_hat0 = (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    noise = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 3, 99, 500, 999])
+    shapes = []
+
+    def model(x_t, tt, cond):
+        shapes.append((x_t.shape, cond.shape))
+        return 0.3 * x_t - 0.2 * cond
+    got, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=form, t=t, noise=noise, param=param, border=2)
+    ref, _ = DV.ddpm_loss(model, diff, DV.content(x0, 2), DV.content(x_hat0, 2), form=form, t=t, noise=noise,
+                          param=param)
+    assert shapes[0] == ((5, 1, 4, 4),) * 2 and torch.equal(got, ref)
+    other, _ = DV.ddpm_loss(model, diff, framed(x0), framed(x_hat0, 2), form=form, t=t, noise=noise, param=param,
+                            border=2)
+    assert torch.equal(other, got)
+
+
+@pytest.mark.parametrize("form,t_start", [(1, None), (2, None), (2, 50)])
+def test_refine_with_a_border_refines_the_content_and_restores_the_frame(diff, form, t_start):
+    g = torch.Generator().manual_seed(12)
+    x_hat0 = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    model = lambda x, t, c: 0.5 * (x - c) + 0.01 * t.view(-1, 1, 1, 1)  # any network of the content's size
+    got = DV.refine(model, diff, x_hat0, form=form, steps=5, t_start=t_start, x_T_noise=noise, border=2,
+                    sampler="ddpm", generator=torch.Generator().manual_seed(1))
+    ref = DV.refine(model, diff, DV.content(x_hat0, 2), form=form, steps=5, t_start=t_start,
+                    x_T_noise=DV.content(noise, 2), sampler="ddpm", generator=torch.Generator().manual_seed(1))
+    assert got.shape == x_hat0.shape and torch.equal(DV.content(got, 2), ref)
+    assert torch.equal(got, DV.with_frame(ref, 2))  # the frame is the data's value, whatever x_hat_0 had there
+    # the unconditional model: a whole-image shape in, a framed sample out
+    x = DV.refine(lambda x, t, c: 0.1 * x, diff, None, form=1, steps=3, shape=(2, 1, 8, 8), border=2,
+                  generator=torch.Generator().manual_seed(2))
+    assert x.shape == (2, 1, 8, 8) and torch.equal(x, framed(x))
+
+
+def test_bound_bpd_with_a_border_spreads_the_content_bound_and_the_frame_costs_nothing(diff):
+    # the framed model puts the frame at its value with probability 1 (0 bits); the content's DDPM bound is
+    # divided among all dimensions, the latent's KL as before
+    B, K = 3, 3
+    g = torch.Generator().manual_seed(13)
+    x0 = framed(torch.randint(0, 256, (B, 1, 6, 6), generator=g).double() / 127.5 - 1, border=2)  # 2x2 content
+    base = gaussian_eps_oracle(diff, 0.1, 0.5)
+
+    class FramedAffineVAE(AffineVAE):  # the stand-in VAE of whole 6x6 images
+        def encode(self, x):
+            return super().encode(DV.content(x, 2))
+
+        def decode(self, z):
+            return DV.with_frame(super().decode(z), 2)
+    vae = FramedAffineVAE(4, K, seed=14)
+    torch.manual_seed(9)
+    got = DV.bound_bpd(lambda x, t, c: base(x - c, t), diff, x0, vae=vae, form=2, border=2)
+    torch.manual_seed(9)
+    mu, logvar = vae.encode(x0)
+    torch.randn_like(mu)  # the z draw
+    content_bpd = diff.vlb_terms_bpd(base, DV.content(x0, 2))["total"]
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1) / (36 * math.log(2))
+    assert torch.allclose(got["ddpm"], content_bpd * 4 / 36, rtol=1e-12, atol=0)
+    assert torch.allclose(got["total"], content_bpd * 4 / 36 + kl, rtol=1e-12, atol=0)
+    x_bad = x0.clone()
+    x_bad[0, 0, 0, 0] = 0.0  # a pixel in the frame that is not the frame's value
+    with pytest.raises(ValueError, match="outer 2 pixels"):
+        DV.bound_bpd(lambda x, t, c: base(x - c, t), diff, x_bad, vae=vae, form=2, border=2)

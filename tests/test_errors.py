@@ -97,9 +97,31 @@ def test_bad_sampling_arguments(run, argv, fragment, capsys):
     (["--ch", "0"], "--ch must be at least 1"),
     (["--ch_mult", "1", "2"], "--ch_mult takes 3 integers >= 1"),
     (["--ch_mult", "1", "0", "2"], "--ch_mult takes 3 integers >= 1"),
+    (["--border", "1"], "--border must be >= 0 and leave a content side"),   # 30 is not divisible by 4
+    (["--border", "-2"], "--border must be >= 0"),
+    (["--border", "16"], "--border must be >= 0 and leave a content side"),  # nothing left
 ])
 def test_bad_training_arguments(argv, fragment, capsys):
     fails_with(train.main, ["--stage", "vae", *argv], fragment, capsys=capsys)
+
+
+def test_a_border_over_the_images_content_is_refused(tmp_path, run):
+    # a bright pixel at (1, 1) of the 28x28 image is at (3, 3) of the padded 32x32 one: in its outer 4 px
+    from test_pipeline import write_idx
+    import numpy as np
+    imgs, labels = np.zeros((16, 28, 28), np.uint8), np.arange(16) % 10
+    imgs[:, 14, 14], imgs[3, 1, 1] = 100, 255
+    for split in ("train", "t10k"):
+        write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), imgs, 0x803)
+        write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
+    fails_with(train.main, ["--stage", "ddpm", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "r"),
+                            "--vae_ckpt", os.path.join(run, "vae.pt"), "--border", "4", "--steps", "1", *TINY],
+               "--border 4: the training images are not 0 in their outer 4 pixels", "--border 0")
+
+
+def test_resuming_with_another_border_says_which_border_the_run_had(run, data_dir):
+    fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", run, "--border", "0",
+                            "--steps", "3", "--resume", *TINY], "its border was 2: add --border 2")
 
 
 def test_unwritable_output_directory(run, data_dir, tmp_path):

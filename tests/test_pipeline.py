@@ -90,6 +90,11 @@ def test_two_stages_write_checkpoints_pictures_and_sample_in_10_steps(trained):
     arrays = np.load(out + ".npz")
     assert arrays["x0"].shape == arrays["vae"].shape == (6, 1, 32, 32)
     assert arrays["x0"].min() >= 0 and arrays["x0"].max() <= 1
+    # the refiner models the 28x28 content (train.py --border 2); its samples get the data's black frame back
+    assert ddpm_ck["model_args"]["image_size"] == 28 and ddpm_ck["config"]["border"] == 2
+    frame = np.ones((32, 32), bool)
+    frame[2:30, 2:30] = False
+    assert (arrays["x0"][..., frame] == 0).all() and (arrays["x0"][..., ~frame] > 0).any()
     assert os.path.getsize(out + ".png") > 0
 
 
