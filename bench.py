@@ -13,15 +13,15 @@ latency, and before/after figures for the speed choices the code makes (modelled
 Sections. stage2: train.py's stage-2 step end to end (x_hat_0 from the frozen VAE, L_DDPM, backward, clipping,
 AdamW, EMA), the encoder + decoder of every batch (train.py --no_cache) against the cached q(z|x) codes (decoder
 only), contiguous against channels_last, UpsampleConv as nearest x2 + 3x3 conv against its transposed form, the
-UNet's ResBlocks making a new tensor at every op against computing in place (code_path), the UNet on the whole
-32x32 image (train.py --border 0) against the 28x28 content inside Fashion-MNIST's frame. stage1: the VAE's step
-by the paths of STEP_PATHS (layout, up-conv form; it has no ResBlocks and sees the whole image). unet: the UNet's
-step by every path of STEP_PATHS (layout, up-conv form, in place, content), its share of the conv peak, and the
-convolution shapes that take its time (torch.profiler). sample: 10-step refinement of 1000 images by the same
-paths (the last is sample.py's), and the latency of 10, 100 and 1000 steps. ab: the EMA and attention kernels.
-diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel. In every before/after the "before" is the
-code of the speed issue's time (contiguous, nearest+conv, a new tensor at every op, the whole image, and for stage 2
-the encoder on every batch).
+UNet's ResBlocks making a new tensor at every op against computing in place (code_path), and train.py --border 2
+(the UNet on the 28x28 content inside Fashion-MNIST's frame, not the default). stage1: the VAE's step
+by the paths of STEP_PATHS (layout, up-conv form; it has no ResBlocks). unet: the UNet's step by every path of
+STEP_PATHS (layout, up-conv form, in place), its share of the conv peak, and the convolution shapes that take its
+time (torch.profiler). sample: 10-step refinement of 1000 images by the same paths (the last is sample.py's), and
+the latency of 10, 100 and 1000 steps. ab: the EMA and attention
+kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel. In every before/after the "before" is the
+code of the speed issue's time (contiguous, nearest+conv, a new tensor at every op, and for stage 2 the encoder on
+every batch).
 
 The networks are built from train.PRESETS as train.py builds them, with random weights and random inputs in [-1, 1]
 (the speed depends on neither); data loading is not timed. On CUDA the steps run under runtime.py's bf16 autocast
@@ -189,10 +189,9 @@ AB_IMG_HEADER = AB_HEADER + ["before img/s", "after img/s"]
 
 # ----------------------------------------------------------------------------- the networks, as train.py builds them
 
-def build(kind, preset, device, dropout=None, framed=True):
-    """kind 'vae', 'unet' (conditioned on x_hat_0: DiffuseVAE) or 'ddpm' (unconditional), random weights; a UNet
-    of the images' content (the preset's border, train.py's) or, framed=False, of the whole image."""
-    cfg = dict(PRESETS[preset], border=border_of(preset, framed))
+def build(kind, preset, device, dropout=None):
+    """kind 'vae', 'unet' (conditioned on x_hat_0: DiffuseVAE) or 'ddpm' (unconditional), random weights."""
+    cfg = PRESETS[preset]
     img_ch = IMG_CH[cfg["dataset"]]
     if kind == "vae":
         return make_vae(cfg, img_ch).to(device)
@@ -212,24 +211,11 @@ def code_path(model, fast_up, in_place=True):
 
 
 # the before/after paths of a training step: name -> (channels_last, UpsampleConv as a transposed conv, ResBlocks in
-# place, the UNet on the content without the preset's frame); the first is the code of the speed issue's time, the
-# last train.py's and sample.py's on the CPU
-STEP_PATHS = {"contiguous, nearest+conv": (False, False, False, False),
-              "channels_last, nearest+conv": (True, False, False, False),
-              "channels_last, transposed up-conv": (True, True, False, False),
-              "channels_last, transposed, in place": (True, True, True, False),
-              "channels_last, transposed, in place, content": (True, True, True, True)}
-VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks and no frame
-
-
-def border_of(preset, framed):
-    """The frame a stage-2 network leaves out (train.py --border): the preset's, or 0 for the whole image."""
-    return PRESETS[preset]["border"] if framed else 0
-
-
-def paths_for(preset, paths=STEP_PATHS):
-    """The paths that differ on this preset: with no frame (border 0) the content path is the one before it."""
-    return {p: f for p, f in paths.items() if PRESETS[preset]["border"] or not f[3]}
+# place); the first is the code of the speed issue's time, the last train.py's and sample.py's on the CPU
+STEP_PATHS = {"contiguous, nearest+conv": (False, False, False), "channels_last, nearest+conv": (True, False, False),
+              "channels_last, transposed up-conv": (True, True, False),
+              "channels_last, transposed, in place": (True, True, True)}
+VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks
 
 
 def n_params(model):
@@ -260,11 +246,11 @@ def optimise(model, opt, ema, loss, step):
 
 # ----------------------------------------------------------------------------- training steps
 
-def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_place=True, framed=True):
+def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_place=True):
     """train.py's optimisation step of the VAE (stage 1) or the UNet (stage 2, x_hat_0 given) on a fixed random
     batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update."""
-    cfg, border = PRESETS[preset], border_of(preset, framed)
-    model = code_path(build(kind, preset, device, framed=framed).train(), fast_up, in_place)
+    cfg = PRESETS[preset]
+    model = code_path(build(kind, preset, device).train(), fast_up, in_place)
     x0 = random_images(cfg, batch, device)
     x_hat0 = (x0 + 0.1 * torch.randn_like(x0)).clamp(-1, 1)  # stands in for the frozen VAE's dec(z): not timed
     if channels_last:
@@ -281,7 +267,7 @@ def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_plac
                 rec, kl, _ = model(x0)
                 return (kl - rec).mean() / x0[0].numel()  # the negative ELBO per dimension
             return DV.ddpm_loss(model, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"],
-                                border=border)[0].mean()
+                                border=cfg["border"])[0].mean()
 
     def step():
         optimise(model, opt, ema, loss_fn(), count[0])
@@ -301,7 +287,6 @@ def count_flops(loss_fn, model):
 def bench_train(kind, preset, batch, device, iters, rounds, peak, paths=STEP_PATHS):
     """The training step by each path (STEP_PATHS), interleaved: time, FLOPs (each path's own: the transposed
     up-conv does fewer), % of peak, peak memory. -> (a row per path, the A/B rows of the first against the rest)."""
-    paths = paths_for(preset, paths)
     steps = {name: train_step(kind, preset, batch, device, *flags) for name, flags in paths.items()}
     flops = {name: count_flops(*s[1:]) for name, s in steps.items()}
     mem = {}
@@ -328,19 +313,19 @@ TRAIN_HEADER = ["model", "batch", "params", "path", "ms/step", "img/s", "GFLOP/s
 # ----------------------------------------------------------------------------- stage 2 end to end
 
 # name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last, UpsampleConv as a transposed conv, the
-# UNet's ResBlocks in place, the UNet on the content without the frame); the first is the "before" (the code of the
-# speed issue's time), the last train.py's
+# UNet's ResBlocks in place, train.py --border); the first is the "before" (the code of the speed issue's time), the
+# fifth train.py's default, the last train.py --border 2 (the 28x28 content of Fashion-MNIST's 32x32 images)
 STAGE2_VARIANTS = {
-    "encoder+decoder, contiguous, nearest+conv": (False, False, False, False, False, False),
-    "cached codes, contiguous, nearest+conv": (True, False, False, False, False, False),
-    "cached, both channels_last, nearest+conv": (True, True, True, False, False, False),
-    "cached, both channels_last, transposed up-conv": (True, True, True, True, False, False),
-    "cached, channels_last, transposed, in place": (True, True, True, True, True, False),
-    "cached, channels_last, transposed, in place, content": (True, True, True, True, True, True),
+    "encoder+decoder, contiguous, nearest+conv": (False, False, False, False, False, 0),
+    "cached codes, contiguous, nearest+conv": (True, False, False, False, False, 0),
+    "cached, both channels_last, nearest+conv": (True, True, True, False, False, 0),
+    "cached, both channels_last, transposed up-conv": (True, True, True, True, False, 0),
+    "cached, channels_last, transposed, in place": (True, True, True, True, True, 0),
+    "the same, --border 2": (True, True, True, True, True, 2),
 }
 
 
-def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, in_place=True, framed=True,
+def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, in_place=True, border=0,
                 seed=0):
     """train.py's stage-2 step on a fixed random batch, as step() -> the loss: x_hat_0 from the frozen VAE (no
     grad), L_DDPM (form 2, t <= the preset's t_start), backward, clipping, AdamW, EMA. cached: x_hat_0 = dec(z),
@@ -348,9 +333,9 @@ def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast
     (train.py --no_cache). Each step seeds torch as train.py does (step_seed), then z, t and noise are drawn in
     train.py's order, so the two paths draw the same z, t and noise and train the same model. fast_up: the
     UpsampleConvs of both networks as transposed convs (train.py's), else as nearest x2 then a 3x3 conv; in_place:
-    the UNet's ResBlocks compute in place (train.py's), else a new tensor at every op (code_path); framed: the UNet
-    on the images' content, without the preset's frame (train.py's), else on the whole image (--border 0)."""
-    cfg = dict(PRESETS[preset], border=border_of(preset, framed))
+    the UNet's ResBlocks compute in place (train.py's), else a new tensor at every op (code_path); border: the UNet
+    on the images' content without this frame (train.py --border; diffusevae.content)."""
+    cfg = dict(PRESETS[preset], border=border)
     img_ch = IMG_CH[cfg["dataset"]]
     torch.manual_seed(seed)  # the same weights and batch for every variant
     vae = code_path(make_vae(cfg, img_ch).to(device).eval().requires_grad_(False), fast_up)
@@ -372,7 +357,7 @@ def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast
         with autocast(device):
             x_hat0 = (DV.condition_from_codes(vae, *codes) if cached else DV.condition_from_vae(vae, x0))[0]
             loss = DV.ddpm_loss(unet, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"],
-                                border=cfg["border"])[0].mean()
+                                border=border)[0].mean()
         optimise(unet, opt, ema, loss, count[0])
         count[0] += 1
         return loss.detach()
@@ -452,17 +437,15 @@ def bench_sampling_ab(device, n_images, batch, paths=STEP_PATHS):
     cfg = PRESETS["cpu"]
     torch.manual_seed(0)
     net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
-    whole = build("unet", "cpu", device, framed=False).eval()
-    whole.load_state_dict(net.state_dict())  # the same weights: a UNet's do not depend on the image's side
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
     x_hat0 = vae.sample(batch, device=device)[0]
-    nets = {p: code_path(copy.deepcopy(net if framed else whole).to(memory_format=CL if cl else torch.contiguous_format),
-                         fast, in_place) for p, (cl, fast, in_place, framed) in paths.items()}
-    inputs = {p: x_hat0.contiguous(memory_format=CL) if flags[0] else x_hat0 for p, flags in paths.items()}
+    nets = {p: code_path(copy.deepcopy(net).to(memory_format=CL if cl else torch.contiguous_format), fast, in_place)
+            for p, (cl, fast, in_place) in paths.items()}
+    inputs = {p: x_hat0.contiguous(memory_format=CL) if cl else x_hat0 for p, (cl, _, _) in paths.items()}
 
     def refine(p, steps=10):
         return lambda: DV.refine(nets[p], diffusion, inputs[p], form=2, steps=steps, t_start=cfg["t_start"],
-                                 param=cfg["param"], border=border_of("cpu", paths[p][3]))
+                                 param=cfg["param"], border=cfg["border"])
     with torch.inference_mode():
         for p in nets:
             refine(p, steps=1)()  # warm-up at the batch's shapes
@@ -528,8 +511,8 @@ def bench_attention(preset, batch, device, iters):
     """(c) forward + backward of attention at the preset's attention resolution: the explicit softmax(q k^T /
     sqrt(C)) v against F.scaled_dot_product_attention (unet.AttnBlock), q, k, v strided as in AttnBlock."""
     cfg = PRESETS[preset]
-    level = int(math.log2(cfg["image_size"] // cfg["attn_resolutions"][0]))
-    res, C = (cfg["image_size"] - 2 * cfg["border"]) // 2 ** level, cfg["ch"] * cfg["ch_mult"][level]  # the content's
+    res = cfg["attn_resolutions"][0]
+    C = cfg["ch"] * cfg["ch_mult"][int(math.log2(cfg["image_size"] // res))]
     qkv = torch.randn(batch, 1, res * res, 3 * C, device=device, requires_grad=True)  # (B, 1, HW, 3C)
 
     def explicit(q, k, v):
@@ -651,8 +634,8 @@ def main(argv=None):
         cfg = PRESETS["cpu"]
         step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
         convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
-        path = next(p for p, (cl, fast, in_place, framed) in STEP_PATHS.items()
-                    if cl == rt.channels_last and fast and in_place and framed)
+        path = next(p for p, (cl, fast, in_place) in STEP_PATHS.items()
+                    if cl == rt.channels_last and fast and in_place)
         mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
         print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
               f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "

@@ -49,8 +49,8 @@ def test_bad_flags_are_rejected(argv, capsys):
 
 def test_cached_and_encoder_paths_train_the_same_model(tiny, monkeypatch):
     """Seeded as train.py seeds a step, the cached codes and the encoder on every batch draw the same z, t and noise:
-    the same losses step after step, in every layout; and the cached step never runs the encoder. The content path
-    (no frame) trains another model: the loss of the 12x12 content, not the 16x16 image."""
+    the same losses step after step, in every layout; and the cached step never runs the encoder. --border 2 trains
+    another model (on the 12x12 content, not the 16x16 image): its loss is that of the content."""
     calls = []
     encode = vae_module.VAE.encode
     monkeypatch.setattr(vae_module.VAE, "encode", lambda self, x: calls.append(1) or encode(self, x))
@@ -63,7 +63,7 @@ def test_cached_and_encoder_paths_train_the_same_model(tiny, monkeypatch):
     before = losses[next(iter(bench.STAGE2_VARIANTS))]
     assert torch.isfinite(before).all()
     for name, loss in losses.items():
-        if bench.STAGE2_VARIANTS[name][5]:  # the UNet on the content
+        if bench.STAGE2_VARIANTS[name][5]:  # --border
             assert torch.isfinite(loss).all() and not torch.allclose(loss, before, rtol=1e-3), name
         else:
             torch.testing.assert_close(loss, before, rtol=RTOL, atol=0, msg=name)
@@ -110,7 +110,7 @@ def test_the_transposed_up_conv_path_does_16_of_the_36_multiply_adds_of_each_ups
         ups = [m for m in model.modules() if isinstance(m, UpsampleConv)]
         assert len(ups) == 1 and ups[0].fast == fast  # TINY: two levels, one upsampling
         flops[fast] = bench.count_flops(loss_fn, model)
-    B, C, H = 4, TINY["ch"] * TINY["ch_mult"][1], model.config["image_size"] // 2  # the content's side
+    B, C, H = 4, TINY["ch"] * TINY["ch_mult"][1], TINY["image_size"] // 2
     assert flops[False] - flops[True] == 3 * 2 * B * C * C * H * H * (36 - 16)
 
 

@@ -120,8 +120,8 @@ def test_a_border_over_the_images_content_is_refused(tmp_path, run):
 
 
 def test_resuming_with_another_border_says_which_border_the_run_had(run, data_dir):
-    fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", run, "--border", "0",
-                            "--steps", "3", "--resume", *TINY], "its border was 2: add --border 2")
+    fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", run, "--border", "2",
+                            "--steps", "3", "--resume", *TINY], "its border was 0: add --border 0")
 
 
 def test_unwritable_output_directory(run, data_dir, tmp_path):

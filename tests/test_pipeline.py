@@ -90,12 +90,24 @@ def test_two_stages_write_checkpoints_pictures_and_sample_in_10_steps(trained):
     arrays = np.load(out + ".npz")
     assert arrays["x0"].shape == arrays["vae"].shape == (6, 1, 32, 32)
     assert arrays["x0"].min() >= 0 and arrays["x0"].max() <= 1
-    # the refiner models the 28x28 content (train.py --border 2); its samples get the data's black frame back
-    assert ddpm_ck["model_args"]["image_size"] == 28 and ddpm_ck["config"]["border"] == 2
+    assert os.path.getsize(out + ".png") > 0
+
+
+def test_a_refiner_of_the_content_samples_whole_images_with_the_datas_frame(trained, data_dir, tmp_path):
+    # train.py --border 2: the UNet models the 28x28 content; sample.py and the bound see 32x32 images, black frame
+    ck = str(tmp_path / "ddpm.pt")
+    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--ckpt", ck, "--vae_ckpt", os.path.join(trained, "vae.pt"),
+                "--steps", "2", "--border", "2", *TINY])
+    cfg = load(ck)
+    assert cfg["model_args"]["image_size"] == 28 and cfg["model_args"]["attn_resolutions"] == [7]
+    assert cfg["config"]["border"] == 2
+    out = str(tmp_path / "s")
+    sample.main(["--ckpt", ck, "--steps", "3", "--n", "4", "--out", out])
+    x0, vae = (np.load(out + ".npz")[k] for k in ("x0", "vae"))
     frame = np.ones((32, 32), bool)
     frame[2:30, 2:30] = False
-    assert (arrays["x0"][..., frame] == 0).all() and (arrays["x0"][..., ~frame] > 0).any()
-    assert os.path.getsize(out + ".png") > 0
+    assert x0.shape == vae.shape == (4, 1, 32, 32)
+    assert (x0[..., frame] == 0).all() and (x0[..., ~frame] > 0).any()  # the data's frame, black
 
 
 def test_sampling_is_deterministic_with_a_seed(trained):
