@@ -230,7 +230,8 @@ def setup(args, cfg):
 # ----------------------------------------------------------------------------- data
 
 def load_data(args, cfg):
-    """The training images, uint8 (N, C, H, W) (data.py); --subset keeps the first N."""
+    """The training images, uint8 (N, C, H, W) (data.py); --subset keeps the first N. Stage 2 with --border B
+    checks that every image is 0 in its outer B pixels: the network of the content never sees them."""
     images, _ = load_dataset(cfg["dataset"], args.data_dir, split="train", image_size=cfg["image_size"])
     if args.subset:
         images = images[: args.subset]
@@ -239,7 +240,8 @@ def load_data(args, cfg):
     frame[b:frame.shape[0] - b, b:frame.shape[1] - b] = False  # the outer b pixels
     if images[..., frame].any():
         raise SystemExit(f"error: --border {b}: the training images are not 0 in their outer {b} pixels, so a network "
-                         f"of their content would lose data; use --border 0 (every pixel), or the loader's frame")
+                         f"of their content would lose data; use --border 0 (every pixel) or one within the "
+                         f"images' padding (Fashion-MNIST: 2)")
     return images
 
 
