@@ -234,11 +234,11 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
         mu, logvar = vae.encode(x0)
         x_hat0 = content(vae.decode(reparameterize(mu, logvar)), border)
         kl_z = kl_standard_normal(mu, logvar) / (x0[0].numel() * math.log(2.0))
-    if border and not torch.equal(x0, with_frame(content(x0, border), border)):
+    x0c = content(x0, border)
+    if border and not torch.equal(x0, with_frame(x0c, border)):
         raise ValueError(f"the images are not {FRAME_VALUE} in their outer {border} pixels, where this network "
                          f"models nothing: its bound holds only for framed images (border 0 models every pixel)")
     eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
-    x0c = content(x0, border)
     ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0c, var_type=var_type, progress=progress)["total"]
     ddpm_bpd = ddpm_bpd * x0c[0].numel() / x0[0].numel()  # bits per content dimension -> per image dimension
     return dict(total=ddpm_bpd + kl_z, ddpm=ddpm_bpd, kl_z=kl_z)

@@ -237,8 +237,8 @@ def load_data(args, cfg):
         images = images[: args.subset]
     b = cfg["border"] if args.stage == "ddpm" else 0
     frame = torch.ones(images.shape[-2:], dtype=torch.bool)
-    frame[b:frame.shape[0] - b, b:frame.shape[1] - b] = False  # the outer b pixels
-    if images[..., frame].any():
+    frame[b:frame.shape[0] - b, b:frame.shape[1] - b] = False  # the outer b pixels (none for b = 0)
+    if b and images[..., frame].any():
         raise SystemExit(f"error: --border {b}: the training images are not 0 in their outer {b} pixels, so a network "
                          f"of their content would lose data; use --border 0 (every pixel) or one within the "
                          f"images' padding (Fashion-MNIST: 2)")
@@ -372,11 +372,11 @@ def make_training_state(args, cfg, model, vae, rt, master):
         except CheckpointError as e:
             raise SystemExit(f"error: {e}")
         if ck["model_args"] != model.config:
-            side = ck["model_args"].get("image_size") != model.config.get("image_size")
+            border = ck["config"].get("border", 0)  # 0 in runs from before --border
+            other_side = ck["model_args"].get("image_size") != model.config.get("image_size")
             raise SystemExit(f"error: {args.ckpt} holds a model with {ck['model_args']}, but this run builds "
                              f"{model.config}: resume with the same --preset and flags"
-                             + (f" (its border was {ck['config'].get('border', 0)}: add --border "
-                                f"{ck['config'].get('border', 0)})" if side else ""))
+                             + (f" (its border was {border}: add --border {border})" if other_side else ""))
         model.load_state_dict(ck["model"])
         state.ema.load_state_dict(model, ck["ema"])
         opt.load_state_dict(ck["optimizer"])

@@ -7,6 +7,7 @@ import torch
 
 import ddpm
 import diffusevae as DV
+from data import to_model_range
 from ddpm import extract
 from oracles import full, gaussian_eps_oracle
 from test_ddpm import bayes_posterior_on_grid
@@ -447,7 +448,6 @@ def test_content_and_with_frame_are_inverse_on_framed_images():
     cl = x.contiguous(memory_format=torch.channels_last)
     assert DV.content(cl, 2).is_contiguous(memory_format=torch.channels_last)  # the network's layout is kept
     assert DV.content(x, 0) is x and DV.with_frame(x, 0) is x
-    from data import to_model_range
     assert to_model_range(torch.zeros(1, dtype=torch.uint8)).item() == DV.FRAME_VALUE  # data.py pads with 0
 
 

@@ -1,13 +1,14 @@
 """Bad input and faults: every mistake gets a message that says what to do, and nothing trained is lost."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import sample
 import train
 from checkpoint import CheckpointError, load, save_atomic
-from test_pipeline import TINY, make_fashion, train_both
+from test_pipeline import TINY, make_fashion, train_both, write_idx
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +108,6 @@ def test_bad_training_arguments(argv, fragment, capsys):
 
 def test_a_border_over_the_images_content_is_refused(tmp_path, run):
     # a bright pixel at (1, 1) of the 28x28 image is at (3, 3) of the padded 32x32 one: in its outer 4 px
-    from test_pipeline import write_idx
-    import numpy as np
     imgs, labels = np.zeros((16, 28, 28), np.uint8), np.arange(16) % 10
     imgs[:, 14, 14], imgs[3, 1, 1] = 100, 255
     for split in ("train", "t10k"):
