@@ -25,7 +25,8 @@ every batch).
 
 The networks are built from train.PRESETS as train.py builds them, with random weights and random inputs in [-1, 1]
 (the speed depends on neither); data loading is not timed. On CUDA the steps run under runtime.py's bf16 autocast
-with TF32; on the CPU in fp32. FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions, attention;
+with TF32; on the CPU in fp32, and on a CPU with AMX stage2, stage1 and unet add train.py's path under bf16
+autocast (train.py --bf16 on; with_bf16), its % of peak taken of the bf16 peaks measured there. FLOPs are counted by torch.utils.flop_counter (matmuls, convolutions, attention;
 forward + backward; elementwise ops are not counted). Machines differ (2.2x between sessions here) and jobs running
 beside the bench move it within one run, so every before/after is measured in the same run, interleaved (before,
 after, before, after, ...), each variant's figure the mean of its fastest round: compare ratios across machines;
@@ -141,8 +142,14 @@ def measure_peaks(device):
         return {"matmul tf32": gflops(lambda: a @ b, 2 * n**3),  # fp32 inputs, TF32 allowed as in train.py
                 "matmul bf16": gflops(lambda: a16 @ b16, 2 * n**3)}
     x, w = torch.randn(16, 256, 16, 16), torch.randn(256, 256, 3, 3)  # oneDNN's direct conv can outrun MKL's sgemm
-    return {"matmul fp32": gflops(lambda: a @ b, 2 * n**3),         # (2.2x on an AVX-512 AMD EPYC): take the larger
-            "conv3x3 fp32": gflops(lambda: F.conv2d(x, w, padding=1), 2 * 16 * 256 * 256 * 9 * 16 * 16)}
+    conv_flops = 2 * 16 * 256 * 256 * 9 * 16 * 16                   # (2.2x on an AVX-512 AMD EPYC): take the larger
+    peaks = {"matmul fp32": gflops(lambda: a @ b, 2 * n**3), "conv3x3 fp32": gflops(lambda: F.conv2d(x, w, padding=1),
+                                                                                     conv_flops)}
+    if runtime.cpu_has_amx():  # the denominators of the "bf16 autocast" rows (with_bf16)
+        a16, b16, x16, w16 = a.bfloat16(), b.bfloat16(), x.bfloat16(), w.bfloat16()
+        peaks.update({"matmul bf16": gflops(lambda: a16 @ b16, 2 * n**3),
+                      "conv3x3 bf16": gflops(lambda: F.conv2d(x16, w16, padding=1), conv_flops)})
+    return peaks
 
 
 def commit():
@@ -159,9 +166,9 @@ def commit():
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
 
 
-def autocast(device):
-    """runtime.py's autocast for the device: bf16 on CUDA, nothing on the CPU."""
-    return runtime.autocast(runtime.choose(device.type))
+def autocast(device, bf16=False):
+    """runtime.py's autocast for the device: bf16 on CUDA, nothing on the CPU unless bf16 (train.py --bf16 on)."""
+    return runtime.autocast(runtime.choose(device.type, bf16=bf16 or None))
 
 
 def show(title, header, rows):
@@ -216,6 +223,16 @@ STEP_PATHS = {"contiguous, nearest+conv": (False, False, False), "channels_last,
               "channels_last, transposed up-conv": (True, True, False),
               "channels_last, transposed, in place": (True, True, True)}
 VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks
+BF16 = ", bf16 autocast"  # the name's suffix of a path run under train.py --bf16 on
+
+
+def with_bf16(paths, device, base=None):
+    """paths, plus the path `base` (default: the last, train.py's) under bf16 autocast where that is a choice worth
+    measuring: on a CPU with AMX. On CUDA every path runs under bf16 already; on other CPUs bf16 is 20-500x slower."""
+    if device.type != "cpu" or not runtime.cpu_has_amx():
+        return paths
+    base = base or list(paths)[-1]
+    return dict(paths, **{base + BF16: paths[base] + (True,)})
 
 
 def n_params(model):
@@ -246,9 +263,10 @@ def optimise(model, opt, ema, loss, step):
 
 # ----------------------------------------------------------------------------- training steps
 
-def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_place=True):
+def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_place=True, bf16=False):
     """train.py's optimisation step of the VAE (stage 1) or the UNet (stage 2, x_hat_0 given) on a fixed random
-    batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update."""
+    batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update; bf16: the
+    forward under bf16 autocast on the CPU too (train.py --bf16 on)."""
     cfg = PRESETS[preset]
     model = code_path(build(kind, preset, device).train(), fast_up, in_place)
     x0 = random_images(cfg, batch, device)
@@ -262,7 +280,7 @@ def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_plac
     ema, count = EMA(model, cfg["ema_decay"]), [0]
 
     def loss_fn():
-        with autocast(device):
+        with autocast(device, bf16):
             if kind == "vae":
                 rec, kl, _ = model(x0)
                 return (kl - rec).mean() / x0[0].numel()  # the negative ELBO per dimension
@@ -284,9 +302,10 @@ def count_flops(loss_fn, model):
     return counter.get_total_flops()
 
 
-def bench_train(kind, preset, batch, device, iters, rounds, peak, paths=STEP_PATHS):
+def bench_train(kind, preset, batch, device, iters, rounds, peak, paths=STEP_PATHS, bf16_peak=None):
     """The training step by each path (STEP_PATHS), interleaved: time, FLOPs (each path's own: the transposed
-    up-conv does fewer), % of peak, peak memory. -> (a row per path, the A/B rows of the first against the rest)."""
+    up-conv does fewer), % of peak (a bf16 path's of bf16_peak), peak memory. -> (a row per path, the A/B rows of
+    the first against the rest)."""
     steps = {name: train_step(kind, preset, batch, device, *flags) for name, flags in paths.items()}
     flops = {name: count_flops(*s[1:]) for name, s in steps.items()}
     mem = {}
@@ -295,9 +314,10 @@ def bench_train(kind, preset, batch, device, iters, rounds, peak, paths=STEP_PAT
         step(), step()
         mem[name] = peak_memory_mib(device)
     sec = race({name: s[0] for name, s in steps.items()}, iters, rounds, device, warmup=0)
+    peak_of = {p: bf16_peak if p.endswith(BF16) and bf16_peak else peak for p in steps}
     rows = [dict(model=f"{kind} ({preset})", batch=batch, params=n_params(steps[p][2]), path=p,
                  ms_per_step=1e3 * sec[p], img_per_s=batch / sec[p], gflop_per_step=flops[p] / 1e9,
-                 gflop_per_s=flops[p] / sec[p] / 1e9, pct_of_peak=100 * flops[p] / sec[p] / 1e9 / peak,
+                 gflop_per_s=flops[p] / sec[p] / 1e9, pct_of_peak=100 * flops[p] / sec[p] / 1e9 / peak_of[p],
                  peak_mem_mib=mem[p]) for p in steps]
     name = "VAE (stage 1)" if kind == "vae" else "UNet"
     before, *afters = steps
@@ -326,7 +346,7 @@ STAGE2_VARIANTS = {
 
 
 def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, in_place=True, border=0,
-                seed=0):
+                bf16=False, seed=0):
     """train.py's stage-2 step on a fixed random batch, as step() -> the loss: x_hat_0 from the frozen VAE (no
     grad), L_DDPM (form 2, t <= the preset's t_start), backward, clipping, AdamW, EMA. cached: x_hat_0 = dec(z),
     z ~ q(z|x) from codes encoded once beforehand (train.py's default); else encoder + decoder on every batch
@@ -334,7 +354,8 @@ def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast
     train.py's order, so the two paths draw the same z, t and noise and train the same model. fast_up: the
     UpsampleConvs of both networks as transposed convs (train.py's), else as nearest x2 then a 3x3 conv; in_place:
     the UNet's ResBlocks compute in place (train.py's), else a new tensor at every op (code_path); border: the UNet
-    on the images' content without this frame (train.py --border; diffusevae.content)."""
+    on the images' content without this frame (train.py --border; diffusevae.content); bf16: under bf16 autocast on
+    the CPU too (train.py --bf16 on)."""
     cfg = dict(PRESETS[preset], border=border)
     img_ch = IMG_CH[cfg["dataset"]]
     torch.manual_seed(seed)  # the same weights and batch for every variant
@@ -354,7 +375,7 @@ def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast
 
     def step():
         torch.manual_seed(step_seed(seed, 0, count[0]))  # z, then t and noise, as in train.py
-        with autocast(device):
+        with autocast(device, bf16):
             x_hat0 = (DV.condition_from_codes(vae, *codes) if cached else DV.condition_from_vae(vae, x0))[0]
             loss = DV.ddpm_loss(unet, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"],
                                 border=border)[0].mean()
@@ -594,7 +615,8 @@ def main(argv=None):
     t_start = time.time()
 
     peaks = measure_peaks(device)
-    peak = peaks["matmul bf16"] if cuda else max(peaks.values())  # training runs under bf16 autocast on CUDA
+    peak = peaks["matmul bf16"] if cuda else max(v for k, v in peaks.items() if "fp32" in k)  # bf16 autocast on CUDA
+    bf16_peak = None if cuda else max((v for k, v in peaks.items() if "bf16" in k), default=None)  # AMX CPUs
     conv_peak = peaks.get("conv3x3 fp32", peak)
     mem_kind = ("torch.cuda.max_memory_allocated" if cuda else "peak RSS of the process (ru_maxrss, torch included), "
                 + ("reset before each row" if os.path.exists("/proc/self/clear_refs") else "the whole run's peak"))
@@ -604,6 +626,7 @@ def main(argv=None):
     print(header)
     print("measured peaks: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
           + f"; % of peak is of {peak:.1f}" + (f" ({name})" if cuda else "")
+          + (f" ({bf16_peak:.1f} for the bf16 autocast rows: this CPU has AMX)" if bf16_peak else "")
           + ("; --quick" if args.quick else "") + (f"; --iters {args.iters}" if args.iters else ""))
     tag = "[" + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + " GFLOP/s]"  # labels absolute figures
     out = dict(header=header, commit=version, runtime=rt.describe(), device=str(device), device_name=name,
@@ -613,11 +636,13 @@ def main(argv=None):
     ab_note = "speedup = before / after; below 1: slower on this machine"
 
     if "stage2" in args.only:
-        rows = out["stage2"] = bench_stage2("cpu", device, n(5, 2), rounds)
+        variants = with_bf16(STAGE2_VARIANTS, device, base="cached, channels_last, transposed, in place")
+        rows = out["stage2"] = bench_stage2("cpu", device, n(5, 2), rounds, variants)
         show(f"stage-2 step end to end (x_hat_0 from the frozen VAE + L_DDPM + backward + clip + AdamW + EMA), "
              f"before = train.py --no_cache; {ab_note} {tag}", AB_IMG_HEADER, rows)
     if "stage1" in args.only:
-        rows, ab = bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, n(15, 3), rounds, peak, VAE_PATHS)
+        rows, ab = bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, n(15, 3), rounds, peak,
+                               with_bf16(VAE_PATHS, device), bf16_peak)
         out["stage1"] = dict(rows=rows, ab=ab)
         show(f"stage-1 (VAE) training step: forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} {tag}",
              TRAIN_HEADER, rows)
@@ -625,7 +650,8 @@ def main(argv=None):
     if "unet" in args.only:
         rows, abs_ = [], []
         for preset, batch, iters in (("cpu", PRESETS["cpu"]["batch_size"], n(8, 2)), ("cifar10", cifar_batch, n(4, 1))):
-            r, ab = bench_train("unet", preset, batch, device, iters, rounds, peak)
+            r, ab = bench_train("unet", preset, batch, device, iters, rounds, peak, with_bf16(STEP_PATHS, device),
+                                bf16_peak)
             rows += r
             abs_ += ab
         show(f"UNet training step (x_hat_0 given): forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} "

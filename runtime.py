@@ -19,8 +19,9 @@ import torch
 
 # channels_last (NHWC) convs on this CPU: measured in bench.py (train step, contiguous vs channels_last).
 CPU_CHANNELS_LAST = True
-# the --channels_last flag of train.py and sample.py -> choose()'s channels_last argument (None: the device's choice)
-CHANNELS_LAST_FLAG = {"auto": None, "on": True, "off": False}
+# the --channels_last and --bf16 flags of train.py (sample.py: --channels_last) -> choose()'s channels_last and bf16
+# arguments (None: the device's choice)
+AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
 
 
 @dataclass(frozen=True)
@@ -47,25 +48,41 @@ class Runtime:
         return " | ".join(parts)
 
 
-def choose(device_type, compile_flag=False, channels_last=None, world=1):
+def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=None):
     """The speed choices for a device ("cuda", "cpu", or a torch.device such as pick_device's cuda:local_rank);
     pure: the same inputs give the same Runtime, and nothing asks torch.cuda whether a GPU is there.
 
     CUDA: bf16 autocast (tensor cores; bf16 has fp32's exponent range, so no loss scaling), TF32 for the fp32 ops
     left, channels_last (the layout tensor-core convs want), the fused AdamW kernel, NCCL for DDP.
-    CPU: fp32 and gloo; channels_last as asked, else CPU_CHANNELS_LAST. compile follows the flag on both.
+    CPU: fp32 and gloo; channels_last as asked, else CPU_CHANNELS_LAST. compile follows the flag on both, and
+    bf16 (autocast) when given overrides the device's choice.
     """
     kind = device_type.type if isinstance(device_type, torch.device) else device_type
     device = torch.device(device_type) if kind in ("cuda", "cpu") else None
     if kind == "cuda":
-        return Runtime(device, amp_dtype=torch.bfloat16, tf32=True, channels_last=True,
+        return Runtime(device, amp_dtype=None if bf16 is False else torch.bfloat16, tf32=True, channels_last=True,
                        fused_adamw=True, compile=bool(compile_flag), ddp_backend="nccl", world=world)
     if kind == "cpu":
-        # No autocast: this CPU's bf16 convs run 20-500x slower than fp32 (no native bf16 conv kernels).
-        return Runtime(device, amp_dtype=None, tf32=False,
+        # fp32 unless asked: most CPUs here have no bf16 matrix units, and their bf16 convs run 20-500x slower than
+        # fp32. On one with AMX (cpu_has_amx) bf16 is the faster: bench.py's "bf16 autocast" rows measure by how much.
+        return Runtime(device, amp_dtype=torch.bfloat16 if bf16 else None, tf32=False,
                        channels_last=CPU_CHANNELS_LAST if channels_last is None else bool(channels_last),
                        fused_adamw=False, compile=bool(compile_flag), ddp_backend="gloo", world=world)
     raise ValueError(f"device type must be 'cuda' or 'cpu', got {device_type!r}")
+
+
+def cpu_has_amx():
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), the matrix units that make oneDNN's bf16
+    convs and matmuls faster than fp32 instead of many times slower."""
+    return torch.cpu._is_amx_tile_supported()
+
+
+def slow_bf16_warning(rt):
+    """A warning when bf16 autocast was asked for on a CPU without AMX, else None."""
+    if rt.device.type == "cpu" and rt.amp_dtype is not None and not cpu_has_amx():
+        return ("warning: --bf16 on, but this CPU has no AMX: its bf16 convs run 20-500x slower than fp32; "
+                "drop --bf16 on (python bench.py --only stage2 shows the difference on a CPU that has it)")
+    return None
 
 
 def pick_device(flag, local_rank=0):

@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith/degrade")
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
-    p.add_argument("--channels_last", default="auto", choices=list(runtime.CHANNELS_LAST_FLAG),
+    p.add_argument("--channels_last", default="auto", choices=list(runtime.AUTO_ON_OFF),
                    help="NHWC memory format for the convs (auto: runtime.py's choice for the device, as train.py)")
     args = p.parse_args(argv)
     if args.eta < 0:
@@ -174,7 +174,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
     try:
-        net, vae, diffusion, cfg = load_models(args.ckpt, device, runtime.CHANNELS_LAST_FLAG[args.channels_last])
+        net, vae, diffusion, cfg = load_models(args.ckpt, device, runtime.AUTO_ON_OFF[args.channels_last])
         if args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the T = {diffusion.T} steps the model was trained with")
         trained = cfg.get("t_start", "full")

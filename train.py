@@ -109,8 +109,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from --ckpt exactly")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    p.add_argument("--channels_last", default="auto", choices=list(runtime.CHANNELS_LAST_FLAG),
+    p.add_argument("--channels_last", default="auto", choices=list(runtime.AUTO_ON_OFF),
                    help="NHWC memory format for the convs (auto: runtime.py's choice for the device)")
+    p.add_argument("--bf16", default="auto", choices=list(runtime.AUTO_ON_OFF),
+                   help="bf16 autocast of the forward pass (auto: on CUDA, off on the CPU; on: also on a CPU with "
+                        "AMX, where bench.py measures it faster than fp32)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     p.add_argument("--log_every", type=int, default=50)
@@ -208,14 +211,17 @@ def setup(args, cfg):
     Rank 0 prints the choices and makes the output folder."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = runtime.pick_device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
-    channels_last = runtime.CHANNELS_LAST_FLAG[args.channels_last]
-    rt = runtime.choose(device, args.compile, channels_last, world)
+    channels_last, bf16 = runtime.AUTO_ON_OFF[args.channels_last], runtime.AUTO_ON_OFF[args.bf16]
+    rt = runtime.choose(device, args.compile, channels_last, world, bf16)
     runtime.apply_global_flags(rt)
     if world > 1:
         dist.init_process_group(rt.ddp_backend)
     master = rank == 0
     if master:
         print(rt.describe(), flush=True)
+        warning = runtime.slow_bf16_warning(rt)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     if cfg["batch_size"] % world:
@@ -462,7 +468,7 @@ def train_loop(args, cfg, rt, rank, world, model, state, vae, diffusion, shard, 
     timestep quartile), a checkpoint every ckpt_every, pictures every sample_every."""
     master, device = rank == 0, rt.device
     t_max = None if cfg["t_start"] == "full" else cfg["t_start"]
-    autocast = runtime.autocast(rt)  # bf16 on CUDA; plain fp32 on the CPU (its bf16 convs are far slower)
+    autocast = runtime.autocast(rt)  # bf16 on CUDA; fp32 on the CPU unless --bf16 on
     quartile_sum, quartile_n = torch.zeros(4, device=device), torch.zeros(4, device=device)
     window, t0, seen = [], time.time(), 0
     bar = tqdm(total=cfg["steps"], initial=state.step, disable=not master, desc=f"{args.stage}", dynamic_ncols=True)

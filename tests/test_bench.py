@@ -69,6 +69,27 @@ def test_cached_and_encoder_paths_train_the_same_model(tiny, monkeypatch):
             torch.testing.assert_close(loss, before, rtol=RTOL, atol=0, msg=name)
 
 
+def test_bf16_rows_are_train_pys_path_under_autocast_where_the_cpu_has_amx(tiny, monkeypatch):
+    """with_bf16 adds the default's step under bf16 autocast (train.py --bf16 on) only on a CPU with AMX; that step
+    draws the same z, t and noise as the fp32 one, so its loss differs only by bf16 rounding: a relative 2^-8 per
+    rounding, and 5 of them (test_runtime's bound) before the first update. After the first AdamW step the weights
+    differ too, so only the first loss is held to it."""
+    monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: False)
+    assert bench.with_bf16(bench.STAGE2_VARIANTS, CPU) is bench.STAGE2_VARIANTS
+    monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: True)
+    base = "cached, channels_last, transposed, in place"
+    variants = bench.with_bf16(bench.STAGE2_VARIANTS, CPU, base=base)
+    assert list(variants) == [*bench.STAGE2_VARIANTS, base + bench.BF16]
+    assert variants[base + bench.BF16] == bench.STAGE2_VARIANTS[base] + (True,)
+    assert list(bench.with_bf16(bench.STEP_PATHS, CPU))[-1] == list(bench.STEP_PATHS)[-1] + bench.BF16
+    assert bench.with_bf16(bench.STEP_PATHS, torch.device("cuda")) is bench.STEP_PATHS  # bf16 everywhere there
+    fp32, bf16 = (bench.stage2_step("cpu", 4, CPU, *variants[name]) for name in (base, base + bench.BF16))
+    first = fp32(), bf16()
+    assert first[0] != first[1] and abs(first[1] / first[0] - 1) < 5 * 2.0 ** -8, first
+    rows = bench.bench_stage2("cpu", CPU, iters=1, rounds=1, variants=variants)
+    assert rows[-1]["after"] == base + bench.BF16 and 0 < rows[-1]["speedup"] < float("inf")
+
+
 def test_stage2_bench_gives_a_finite_speed_for_both_paths(tiny):
     rows = bench.bench_stage2("cpu", CPU, iters=1, rounds=1)
     assert [r["after"] for r in rows] == list(bench.STAGE2_VARIANTS)[1:]

@@ -148,7 +148,7 @@ def test_sampling_runs_in_the_devices_memory_format_and_gives_the_same_samples(t
     # through 10 denoiser calls and the decoder; measured ~2e-6 on the default model, allowed 1e-4 of the [0, 1] range.
     ck = os.path.join(trained, "ddpm.pt")
     for flag, nhwc in (("auto", runtime.CPU_CHANNELS_LAST), ("on", True), ("off", False)):
-        net, vae, _, _ = sample.load_models(ck, torch.device("cpu"), runtime.CHANNELS_LAST_FLAG[flag])
+        net, vae, _, _ = sample.load_models(ck, torch.device("cpu"), runtime.AUTO_ON_OFF[flag])
         for w in (net.conv_in.weight, vae.dec[-1].weight):
             assert w.is_contiguous(memory_format=torch.channels_last) == nhwc and w.is_contiguous() != nhwc
     outs = {}
@@ -277,6 +277,19 @@ def test_a_signal_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data_d
     subprocess.run([*common, "--ckpt", whole, "--steps", str(stopped_at + 3)], cwd=REPO, check=True,
                    capture_output=True)
     assert_same(weights(killed)[0], weights(whole)[0])
+
+
+def test_bf16_autocast_trains_stage_2_to_bf16_precision_of_the_fp32_loss(tmp_path, data_dir, trained, capsys):
+    # train.py --bf16 on: the same seeded first batch, t and noise, the forward under bf16 autocast. Its first loss,
+    # before any update, differs from fp32 by bf16 rounding only (test_runtime's 5 u bound, u = 2^-8).
+    common = ["--stage", "ddpm", "--data_dir", data_dir, "--vae_ckpt", os.path.join(trained, "vae.pt"),
+              "--steps", "2", *TINY, "--log_every", "1"]
+    train.main([*common, "--ckpt", str(tmp_path / "fp32.pt")])
+    capsys.readouterr()
+    train.main([*common, "--ckpt", str(tmp_path / "bf16.pt"), "--bf16", "on"])
+    assert "amp bf16" in capsys.readouterr().out
+    fp32, bf16 = (load(str(tmp_path / f"{n}.pt"))["history"][0][1] for n in ("fp32", "bf16"))
+    assert fp32 != bf16 and abs(bf16 / fp32 - 1) < 5 * 2.0 ** -8, (fp32, bf16)
 
 
 def test_stage2_draws_z_from_the_cached_codes_of_its_vae(tmp_path, data_dir, trained):

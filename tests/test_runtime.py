@@ -35,6 +35,23 @@ def test_cpu_decisions():
     assert R.choose("cpu", compile_flag=True).compile
 
 
+def test_the_bf16_flag_overrides_the_devices_choice():
+    # train.py --bf16 auto|on|off -> choose(bf16=None|True|False): auto keeps CUDA's bf16 and the CPU's fp32
+    assert [R.choose("cpu", bf16=R.AUTO_ON_OFF[f]).amp_dtype for f in ("auto", "on", "off")] == [None, torch.bfloat16, None]
+    assert [R.choose("cuda", bf16=R.AUTO_ON_OFF[f]).amp_dtype for f in ("auto", "on", "off")] == [
+        torch.bfloat16, torch.bfloat16, None]
+    assert "amp bf16" in R.choose("cpu", bf16=True).describe()
+
+
+def test_bf16_on_a_cpu_without_amx_warns(monkeypatch):
+    monkeypatch.setattr(R, "cpu_has_amx", lambda: False)
+    warning = R.slow_bf16_warning(R.choose("cpu", bf16=True))
+    assert "no AMX" in warning and "drop --bf16 on" in warning
+    assert R.slow_bf16_warning(R.choose("cpu")) is None and R.slow_bf16_warning(R.choose("cuda")) is None
+    monkeypatch.setattr(R, "cpu_has_amx", lambda: True)
+    assert R.slow_bf16_warning(R.choose("cpu", bf16=True)) is None
+
+
 def test_choose_is_pure_and_rejects_other_devices(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("choose() asked torch.cuda"))
     assert R.choose("cuda", True, world=2) == R.choose("cuda", True, world=2)
@@ -164,7 +181,7 @@ def test_channels_last_gives_the_same_loss(reference):
 
 
 def test_bf16_autocast_gives_the_same_loss_to_bf16_precision(reference):
-    # Forced on the CPU (train.py never does this: too slow here). Under autocast each conv, linear and norm
+    # Forced on the CPU (train.py does so only with --bf16 on). Under autocast each conv, linear and norm
     # rounds its result (and a conv its input and weights) to bf16's 8 significant bits: a relative error of at
     # most u = 2^-8 ~ 3.9e-3 per rounding. Products are accumulated in fp32 and the loss (noise - eps) is taken in
     # fp32; GroupNorm re-normalises after every conv, so the errors add over the layers rather than compound.
