@@ -63,8 +63,8 @@ def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=No
         return Runtime(device, amp_dtype=None if bf16 is False else torch.bfloat16, tf32=True, channels_last=True,
                        fused_adamw=True, compile=bool(compile_flag), ddp_backend="nccl", world=world)
     if kind == "cpu":
-        # fp32 unless asked: most CPUs here have no bf16 matrix units, and their bf16 convs run 20-500x slower than
-        # fp32. On one with AMX (cpu_has_amx) bf16 is the faster: bench.py's "bf16 autocast" rows measure by how much.
+        # fp32 unless asked: a CPU without bf16 matrix units runs bf16 convs 20-500x slower than fp32. On one with
+        # AMX (cpu_has_amx) bf16 is the faster: bench.py's "bf16 autocast" rows measure by how much.
         return Runtime(device, amp_dtype=torch.bfloat16 if bf16 else None, tf32=False,
                        channels_last=CPU_CHANNELS_LAST if channels_last is None else bool(channels_last),
                        fused_adamw=False, compile=bool(compile_flag), ddp_backend="gloo", world=world)
@@ -73,7 +73,7 @@ def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=No
 
 def cpu_has_amx():
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), the matrix units that make oneDNN's bf16
-    convs and matmuls faster than fp32 instead of many times slower."""
+    convs and matmuls faster than fp32 instead of many times slower (torch's cpuinfo check, a private function)."""
     return torch.cpu._is_amx_tile_supported()
 
 
