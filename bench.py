@@ -28,10 +28,11 @@ The networks are built from train.PRESETS as train.py builds them, with random w
 with TF32; on the CPU in fp32, and on a CPU with AMX stage2, stage1 and unet add train.py's path under bf16
 autocast (train.py --bf16 on; with_bf16), its % of peak taken of the bf16 peaks measured there. FLOPs are counted
 by torch.utils.flop_counter (matmuls, convolutions, attention; forward + backward; elementwise ops are not
-counted). Machines differ (2.2x between sessions here) and jobs running beside the bench move it within one run, so every before/after is measured in the same run, interleaved (before,
-after, before, after, ...), each variant's figure the mean of its fastest round: compare ratios across machines;
-absolute figures are labelled with the matmul and conv peaks measured at the start. Benchmarks never go in tests/:
-their numbers belong to a machine (tests/test_bench.py only checks that the code runs and measures the same step).
+counted). Machines differ (2.2x between sessions here) and jobs running beside the bench move it within one run,
+so every before/after is measured in the same run, interleaved (before, after, before, after, ...), each variant's
+figure the mean of its fastest round: compare ratios across machines; absolute figures are labelled with the matmul
+and conv peaks measured at the start. Benchmarks never go in tests/: their numbers belong to a machine
+(tests/test_bench.py only checks that the code runs and measures the same step).
 """
 import argparse
 import copy
