@@ -1,6 +1,9 @@
 """Datasets as uint8 tensors, and the one place images are scaled to [-1, 1].
 
 `load_dataset` returns (images, labels): images uint8 (N, C, H, W), labels int64 (N,) or None.
+Splits: "test" is the dataset's test set; its training set is split in two, "val" its last
+validation_size(N) images (5,000 of Fashion-MNIST's 60,000), held out of every model and classifier so that
+defaults are chosen on it, and "train" the rest.
 The diffusion code works in [-1, 1]: `to_model_range` is the only way in, `to_unit_range` the only way out
 (`save_grid` uses it to write pictures). Nothing is ever downloaded, and nothing in a data file is ever run.
 
@@ -36,7 +39,8 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = ("fashion_mnist", "cifar10", "folder")
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
+VAL_SIZE = 5000  # the validation split: the last 5,000 training images, or a tenth of fewer than 50,000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PIL_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")  # never EPS & co: Pillow would run Ghostscript on them
 
@@ -56,13 +60,23 @@ def load_dataset(name, data_dir=None, split="train", image_size=32):
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for dataset {name}: choose one of {', '.join(SPLITS)}")
-    if name == "fashion_mnist":
-        return load_fashion_mnist(data_dir or DEFAULT_FASHION_DIR, split, image_size)
-    if data_dir is None:
+    if name != "fashion_mnist" and data_dir is None:
         raise DataError(f"dataset {name} needs --data_dir DIR (there is no default location)")
-    if name == "cifar10":
-        return load_cifar10(data_dir, split, image_size)
-    return load_image_folder(data_dir, split, image_size)
+    loader = {"fashion_mnist": load_fashion_mnist, "cifar10": load_cifar10, "folder": load_image_folder}[name]
+    images, labels = loader(data_dir or DEFAULT_FASHION_DIR, "test" if split == "test" else "train", image_size)
+    if split == "test":
+        return images, labels
+    n_train = len(images) - validation_size(len(images))
+    if split == "val" and n_train == len(images):
+        raise DataError(f"{name} has {len(images)} training images, too few to hold out a validation split "
+                        f"(a tenth of them, at least one); add images or use split 'train'")
+    part = slice(None, n_train) if split == "train" else slice(n_train, None)
+    return images[part], (labels[part] if labels is not None else None)
+
+
+def validation_size(n):
+    """How many of n training images form the validation split: VAL_SIZE, or n // 10 for fewer than 10 VAL_SIZE."""
+    return min(VAL_SIZE, n // 10)
 
 
 def to_model_range(x_uint8):
@@ -317,7 +331,7 @@ def load_image_folder(data_dir, split, image_size):
     """(N, 3, image_size, image_size) uint8 images from every image file under data_dir, and labels None."""
     hint = f"pass --data_dir DIR holding {'/'.join(IMAGE_EXTENSIONS)} images"
     _require_dir(data_dir, "image", hint)
-    if all(os.path.isdir(os.path.join(data_dir, s)) for s in SPLITS):
+    if all(os.path.isdir(os.path.join(data_dir, s)) for s in ("train", "test")):
         data_dir = os.path.join(data_dir, split)
     paths = sorted(os.path.join(root, f) for root, _, files in os.walk(data_dir)
                    for f in files if f.lower().endswith(IMAGE_EXTENSIONS))

@@ -99,6 +99,22 @@ def test_fashion_pads_with_zeros_and_keeps_pixels_exactly(tmp_path, gz):
     assert (x[:, 0][:, border] == 0).all()
 
 
+def test_the_validation_split_is_the_last_tenth_of_the_training_file_at_most_5000(tmp_path):
+    # 60,000 training images give 55,000 and the last 5,000; 60 give 54 and 6; 5 are too few to hold any out
+    from data import validation_size
+    assert (validation_size(60_000), validation_size(50_000), validation_size(60), validation_size(5)) == (5000, 5000, 6, 0)
+    images, labels = write_fashion(tmp_path, "train", n=60)
+    (x, y), (xv, yv) = (load_dataset("fashion_mnist", str(tmp_path), split) for split in ("train", "val"))
+    assert len(x) == 54 and len(xv) == 6
+    assert torch.equal(torch.cat([x, xv])[:, 0, 2:30, 2:30], torch.from_numpy(images))
+    assert torch.cat([y, yv]).tolist() == labels.tolist()
+    small = tmp_path / "small"
+    write_fashion(small, "train", n=5)
+    assert len(load_dataset("fashion_mnist", str(small), "train")[0]) == 5
+    with pytest.raises(DataError, match="too few to hold out a validation split"):
+        load_dataset("fashion_mnist", str(small), "val")
+
+
 def test_fashion_test_split_reads_the_t10k_files(tmp_path):
     write_fashion(tmp_path, "train", n=5, seed=0)
     images, labels = write_fashion(tmp_path, "test", n=3, seed=1)
@@ -129,11 +145,13 @@ def test_cifar_binary_pixels_land_in_their_rgb_plane_row_and_column(tmp_path):
 def test_cifar_train_concatenates_five_batches_in_order(tmp_path, fmt, point_at):
     folder = tmp_path / f"cifar-10-batches-{fmt}"
     batches = write_cifar(folder, fmt, n=2)
-    x, y = load_dataset("cifar10", str(tmp_path if point_at == "parent" else folder), "train")
+    where = str(tmp_path if point_at == "parent" else folder)
+    (x, y), (xv, yv) = (load_dataset("cifar10", where, split) for split in ("train", "val"))
     names = [f"data_batch_{i}" for i in range(1, 6)]
-    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
-    assert torch.equal(x, torch.from_numpy(np.concatenate([batches[n][0] for n in names])))
-    assert y.tolist() == sum((batches[n][1] for n in names), [])
+    assert x.shape == (9, 3, 32, 32) and xv.shape == (1, 3, 32, 32)  # the last tenth is the validation split
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.equal(torch.cat([x, xv]), torch.from_numpy(np.concatenate([batches[n][0] for n in names])))
+    assert torch.cat([y, yv]).tolist() == sum((batches[n][1] for n in names), [])
     x, y = load_dataset("cifar10", str(folder), "test")
     assert torch.equal(x, torch.from_numpy(batches["test_batch"][0])) and y.tolist() == batches["test_batch"][1]
 
@@ -329,7 +347,7 @@ def test_errors_for_truncated_cifar_batch_and_bad_labels(tmp_path):
 
 def test_errors_for_unknown_name_split_or_size(tmp_path):
     assert "fashion_mnist, cifar10, folder" in expect_error("mnist", "mnist")
-    assert "train, test" in expect_error("valid", "fashion_mnist", str(tmp_path), "valid")
+    assert "train, val, test" in expect_error("valid", "fashion_mnist", str(tmp_path), "valid")
     expect_error("image_size=28", "fashion_mnist", str(tmp_path), image_size=28)
     expect_error("image_size=64", "cifar10", str(tmp_path), image_size=64)
     expect_error("--data_dir", "cifar10")
