@@ -13,12 +13,16 @@ step runs on the CPU with each choice forced (bf16 autocast, channels_last, comp
 a tolerance stated in tests/test_runtime.py.
 """
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
 
 # channels_last (NHWC) convs on this CPU: measured in bench.py (train step, contiguous vs channels_last).
 CPU_CHANNELS_LAST = True
+# cuBLAS's two reproducible workspace settings (CUDA Toolkit docs, cuBLAS "Results reproducibility"): with neither
+# in CUBLAS_WORKSPACE_CONFIG, torch.use_deterministic_algorithms(True) makes PyTorch raise at the first cuBLAS call.
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
 # the --channels_last and --bf16 flags of train.py (sample.py: --channels_last) -> choose()'s channels_last and bf16
 # arguments (None: the device's choice)
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}
@@ -105,6 +109,16 @@ def apply_global_flags(rt):
     if rt.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def deterministic(rt):
+    """train.py --deterministic: deterministic kernels only (torch.use_deterministic_algorithms(True)). On CUDA,
+    cuBLAS also needs CUBLAS_WORKSPACE_CONFIG set to one of CUBLAS_DETERMINISTIC; this sets the first unless the
+    user set the variable already. Call it before anything runs on the GPU (train.setup: before
+    apply_global_flags), since cuBLAS reads the variable when it first starts on a device."""
+    if rt.device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC[0])
+    torch.use_deterministic_algorithms(True)
 
 
 def autocast(rt):

@@ -52,11 +52,20 @@ def test_bf16_on_a_cpu_without_amx_warns(monkeypatch):
     assert R.slow_bf16_warning(R.choose("cpu", bf16=True)) is None
 
 
-def test_choose_is_pure_and_rejects_other_devices(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("choose() asked torch.cuda"))
-    assert R.choose("cuda", True, world=2) == R.choose("cuda", True, world=2)
-    with pytest.raises(ValueError, match="'cuda' or 'cpu'.*'mps'"):
-        R.choose("mps")
+def test_choose_decides_for_cuda_without_asking_torch_cuda_and_rejects_other_devices(monkeypatch):
+    # choose's docstring: it never asks torch.cuda anything (so the CUDA decisions can be made, and tested, where no
+    # GPU is), and it accepts only "cuda" and "cpu". Every torch.cuda query a device check could use fails here;
+    # the expected Runtime is the docstring's list: bf16 autocast, TF32, channels_last, fused AdamW, NCCL.
+    for query in ("is_available", "device_count", "current_device", "get_device_properties", "get_device_capability",
+                  "is_bf16_supported"):
+        monkeypatch.setattr(torch.cuda, query, lambda *a, q=query, **k: pytest.fail(f"choose() called torch.cuda.{q}"))
+    assert R.choose("cuda", True, world=2) == R.Runtime(
+        torch.device("cuda"), amp_dtype=torch.bfloat16, tf32=True, channels_last=True, fused_adamw=True, compile=True,
+        ddp_backend="nccl", world=2)
+    assert R.choose(torch.device("cuda", 1)).device == torch.device("cuda", 1)
+    for other in ("mps", "xla", torch.device("meta")):
+        with pytest.raises(ValueError, match="'cuda' or 'cpu'"):
+            R.choose(other)
 
 
 def test_describe_is_one_header_line():
@@ -84,15 +93,22 @@ def test_pick_device(monkeypatch):
 
 
 def test_apply_global_flags(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    # torch.backends.cuda.matmul serves allow_tf32 through __getattr__/__setattr__, with no instance attribute:
+    # pytest's monkeypatch records it as absent and its undo calls delattr, which fails. So the two flags are saved
+    # and restored here.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     bound = []
     monkeypatch.setattr(torch.cuda, "set_device", bound.append)
-    R.apply_global_flags(R.choose("cpu"))
-    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32 and bound == []
-    R.apply_global_flags(R.choose(torch.device("cuda", 1)))
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
-    assert bound == [torch.device("cuda", 1)]
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        R.apply_global_flags(R.choose("cpu"))
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32 and bound == []
+        R.apply_global_flags(R.choose(torch.device("cuda", 1)))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert bound == [torch.device("cuda", 1)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_make_optimizer():
