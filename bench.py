@@ -259,7 +259,7 @@ def optimise(model, opt, ema, loss, step):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    ema.update(model, step)
+    ema.update(model)
 
 
 # ----------------------------------------------------------------------------- training steps
@@ -526,7 +526,7 @@ def bench_ema(preset, device, iters):
             e.lerp_(p, 1 - decay)
     return ab_row(f"(b) EMA update, {preset} UNet ({len(ema.params)} tensors, {n_params(model):,} params)",
                   "per-tensor loop", "_foreach_lerp_", 1e3 * timeit(loop, iters, device),
-                  1e3 * timeit(lambda: ema.update(model, 10**9), iters, device))
+                  1e3 * timeit(lambda: ema.update(model), iters, device))
 
 
 def bench_attention(preset, batch, device, iters):

@@ -121,25 +121,18 @@ def test_sampling_is_deterministic_with_a_seed(trained):
 
 
 def test_spacing_and_t_start_flags_pick_the_timesteps_the_refiner_visits(trained, monkeypatch):
+    # 4 steps on the code timesteps 0..t_s: t_s (k/3) for uniform spacing, t_s (k/3)^2 for quadratic, rounded to the
+    # nearest integer (ddpm.ddim_timesteps' definition), visited from the top; worked out by hand for each t_s
     ck = os.path.join(trained, "ddpm.pt")
-    net, vae, diffusion, cfg = sample.load_models(ck, torch.device("cpu"))
-    assert cfg["t_start"] == train.PRESETS["cpu"]["t_start"]  # trained on 0..t_start
-    assert DV.sample_start(cfg) == cfg["t_start"]  # and sampled from its top
+    assert load(ck)["config"]["t_start"] == 110 == train.PRESETS["cpu"]["t_start"]  # trained on 0..110
     visited, forward = [], UNet.forward
     monkeypatch.setattr(UNet, "forward", lambda self, x, t, *a: visited.append(int(t[0])) or forward(self, x, t, *a))
-    for spacing, flag, t_start in [(s, [], DV.sample_start(cfg)) for s in ddpm.SPACINGS] + [
-            ("uniform", ["40"], 40), ("uniform", ["60"], 60), ("uniform", ["80"], 80)]:
+    for spacing, flag, expected in [("uniform", [], [110, 73, 37, 0]), ("quadratic", [], [110, 49, 12, 0]),
+                                    ("uniform", ["40"], [40, 27, 13, 0]), ("uniform", ["80"], [80, 53, 27, 0])]:
         visited.clear()
-        out = os.path.join(trained, "spacing_" + spacing)
-        sample.main(["--ckpt", ck, "--steps", "4", "--n", "3", "--spacing", spacing, "--out", out]
-                    + (["--t_start"] + flag if flag else []))
-        assert visited == ddpm.ddim_timesteps(diffusion.T, 4, spacing, t_start).flip(0).tolist()  # e.g. 100 67 33 0
-        g = torch.Generator().manual_seed(0)  # sample.py's default seed: z first, then the x_T noise
-        with torch.no_grad():
-            x_hat0 = vae.decode(sample_prior(3, vae.z_dim, vae.prior, generator=g))
-            x0 = DV.refine(net, diffusion, x_hat0, form=cfg["form"], steps=4, generator=g, spacing=spacing,
-                           t_start=t_start, param=cfg["param"])
-        assert np.allclose(np.load(out + ".npz")["x0"], to_unit_range(x0.clamp(-1, 1)).numpy(), atol=1e-6)
+        sample.main(["--ckpt", ck, "--steps", "4", "--n", "3", "--spacing", spacing,
+                     "--out", os.path.join(trained, "spacing_" + spacing)] + (["--t_start"] + flag if flag else []))
+        assert visited == expected, (spacing, flag)
 
 
 def test_sampling_runs_in_the_devices_memory_format_and_gives_the_same_samples(trained):
@@ -160,27 +153,131 @@ def test_sampling_runs_in_the_devices_memory_format_and_gives_the_same_samples(t
         assert np.abs(outs["on"][key] - outs["off"][key]).max() < 1e-4
 
 
-def test_training_draws_t_from_0_to_t_start_only(trained):
-    _, _, diffusion, cfg = sample.load_models(os.path.join(trained, "ddpm.pt"), torch.device("cpu"))
+def make_indexed_fashion(directory, n):
+    """IDX files whose image i holds its index in two pixels (i % 256, i // 256): a batch tells which images it drew."""
+    os.makedirs(directory, exist_ok=True)
+    imgs = np.zeros((n, 28, 28), np.uint8)
+    imgs[:, 10, 10], imgs[:, 10, 11] = np.arange(n) % 256, np.arange(n) // 256
+    for split in ("train", "t10k"):
+        write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte.gz"), imgs, 0x803)
+        write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte.gz"), np.arange(n) % 10, 0x801)
+    return directory
+
+
+def record_training_draws(monkeypatch):
+    """Replaces diffusevae.ddpm_loss, as train.py calls it, by a wrapper that records each step's image indices (from
+    x_0's index pixels), t, and the x_t the network is handed."""
+    draws, loss = [], DV.ddpm_loss
+
+    def recording(model, diffusion, x0, *a, **k):
+        inputs = []
+        out = loss(lambda x, t, *c, **kw: inputs.append(x) or model(x, t, *c, **kw), diffusion, x0, *a, **k)
+        pix = ((x0 + 1) * 127.5).round().long()[:, 0, 12, 12:14]  # the data's frame of 2 pixels: (10, 10) -> (12, 12)
+        draws.append(dict(idx=pix[:, 0] + 256 * pix[:, 1], t=out[1], x0=x0, x_t=inputs[0]))
+        return out
+    monkeypatch.setattr(DV, "ddpm_loss", recording)
+    return draws
+
+
+def tiny_state(tmp_path, data_dir, flags, world=1):
+    """train.py's objects for train_step: (args, cfg, rt, images, model, state, diffusion)."""
+    args, cfg = train.parse_args(["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", str(tmp_path), *flags])
+    rt = runtime.choose("cpu", world=world)
+    images = train.load_data(args, cfg)
     torch.manual_seed(0)
-    x = torch.zeros(5000, 1, 1, 1)
-    draws = [DV.ddpm_loss(lambda x, t, c: x, diffusion, x, x, form=2, t_max=t_max)[1]
-             for t_max in (cfg["t_start"], None)]
-    # 5000 uniform draws on 0..300 miss a given value with probability (300/301)^5000 ~ 6e-8: both ends are hit
-    assert draws[0].min() == 0 and draws[0].max() == cfg["t_start"]
-    assert draws[1].max() > cfg["t_start"] and draws[1].max() <= diffusion.T - 1
+    model, vae, diffusion = train.build(args, cfg, 1, rt.device)
+    return args, cfg, rt, images, model, train.make_training_state(args, cfg, model, vae, rt, master=False), diffusion
 
 
-def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained):
-    ck = os.path.join(trained, "ddpm.pt")
-    _, vae, _, _ = sample.load_models(ck, torch.device("cpu"))
-    for prior, p_z in (("expost", vae.prior), ("normal", None)):
-        out = os.path.join(trained, "prior_" + prior)
-        sample.main(["--ckpt", ck, "--steps", "2", "--n", "4", "--prior", prior, "--out", out])
-        z = sample_prior(4, vae.z_dim, p_z, generator=torch.Generator().manual_seed(0))  # sample.py's first draw
+def test_a_training_steps_timesteps_are_independent_of_its_batch(tmp_path, monkeypatch):
+    # 2,222 images: 2,000 to train on after the validation tenth. With a batch index i and t drawn from one random
+    # stream as r mod 2000 and r mod 1000, t would equal i mod 1000 for every example; independent draws give a
+    # correlation of t and i mod 1000 of 0 with a standard error of 1/sqrt(n) (n pairs), and P(t = i mod 1000) = 1/1000
+    data_dir = make_indexed_fashion(str(tmp_path / "indexed"), 2222)
+    draws = record_training_draws(monkeypatch)
+    train.main(["--stage", "ddpm", "--cond", "none", "--data_dir", data_dir, "--out_dir", str(tmp_path / "run"),
+                "--steps", "3", "--batch_size", "64", "--log_every", "1", "--sample_every", "1000"])
+    assert len(draws) == 3
+    idx, t = torch.cat([d["idx"] for d in draws]), torch.cat([d["t"] for d in draws])
+    assert idx.max() < 2000  # the validation images (2000..2221) are never drawn
+    r = torch.corrcoef(torch.stack([t.double(), (idx % 1000).double()]))[0, 1]
+    assert abs(r) < 5 / len(t) ** 0.5, r
+    assert (t == idx % 1000).sum() <= 3  # Binomial(192, 1/1000) exceeds 3 with probability ~5e-5
+
+
+def test_two_ranks_draw_different_images_timesteps_and_noise(tmp_path, monkeypatch):
+    # rank r trains on images r, r + 2, ... (its shard), and its t and noise are its own: not rank 0's at this step,
+    # nor rank 0's at any other step (a seed of seed + rank * c + step would repeat rank 0 at step c r)
+    data_dir = make_indexed_fashion(str(tmp_path / "indexed"), 2222)
+    args, cfg, rt, images, model, state, diffusion = tiny_state(tmp_path, data_dir, ["--cond", "none",
+                                                                                   "--batch_size", "128"], world=2)
+    draws = record_training_draws(monkeypatch)
+    for rank, step in ((0, 0), (1, 0), (0, 10_007), (0, 1)):
+        state.step = step
+        train.train_step(args, cfg, rt, rank, model, state, None, diffusion, images[rank::2], None, None,
+                         runtime.autocast(rt))
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)  # DDPM's linear schedule
+
+    def noise(d):  # eq. 4 solved for the noise: (x_t - sqrt(ab_t) x_0) / sqrt(1 - ab_t)
+        a = ab[d["t"]].reshape(-1, 1, 1, 1)
+        return (d["x_t"].double() - a.sqrt() * d["x0"].double()) / (1 - a).sqrt()
+    r0, r1, r0_later, r0_next = draws
+    assert (r0["idx"] % 2 == 0).all() and (r1["idx"] % 2 == 1).all()  # each rank its own shard
+    for other in (r1, r0_later, r0_next):
+        assert (r0["t"] != other["t"]).float().mean() > 0.9  # equal by chance with probability 1/1000 each
+        assert torch.corrcoef(torch.stack([noise(r0).flatten(), noise(other).flatten()]))[0, 1].abs() < 0.05
+
+
+def test_training_draws_t_from_0_to_t_start_only(tmp_path, data_dir, trained, monkeypatch):
+    # train.py's own step with --t_start 5: 10 steps of 8 draws miss a given one of 0..5 with probability
+    # (5/6)^80 ~ 5e-7, so both ends are hit; the unconditional model (always the full chain) goes beyond
+    draws = record_training_draws(monkeypatch)
+    common = ["--stage", "ddpm", "--data_dir", data_dir, "--steps", "10", *TINY]
+    train.main([*common, "--vae_ckpt", os.path.join(trained, "vae.pt"), "--t_start", "5", "--ckpt",
+                str(tmp_path / "t5.pt")])
+    t = torch.cat([d["t"] for d in draws])
+    assert len(t) == 80 and t.min() == 0 and t.max() == 5
+    draws.clear()
+    train.main([*common, "--cond", "none", "--ckpt", str(tmp_path / "none.pt")])
+    assert torch.cat([d["t"] for d in draws]).max() > 5  # 80 draws of 0..999 all <= 5 with probability 1e-193
+
+
+def test_the_ema_decays_at_the_configured_rate_from_the_first_step():
+    # theta_ema after k updates towards theta_1..theta_k from theta_0: d^k theta_0 + (1 - d) sum_j d^(k - j) theta_j
+    d, thetas = 0.995, [0.0, 1.0, -2.0, 3.0] + [0.5] * 2000
+    layer = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(thetas[0])
+    ema = train.EMA(layer, d)
+    for k, theta in enumerate(thetas[1:], start=1):
         with torch.no_grad():
-            expected = to_unit_range(vae.decode(z)).numpy()
-        assert np.allclose(np.load(out + ".npz")["vae"], expected, atol=1e-6)
+            layer.weight.fill_(theta)
+        ema.update(layer)
+        if k in (1, 3, 2003):
+            expected = d ** k * thetas[0] + (1 - d) * sum(d ** (k - j) * thetas[j] for j in range(1, k + 1))
+            assert ema.params[0].item() == pytest.approx(expected, rel=1e-5, abs=1e-7), k
+
+
+def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained, tmp_path, monkeypatch):
+    # a checkpoint whose ex-post prior is one component at 5 with standard deviation 0.01: z from it lies within
+    # 6 sd of 5 in every coordinate; z from N(0, I) is at least 1 away from 5 with probability 1 - 1e-12 per draw
+    ck = load(os.path.join(trained, "ddpm.pt"))
+    d = ck["vae"]["model_args"]["z_dim"]
+    ck["vae"]["prior"] = dict(weights=torch.ones(1, dtype=torch.float64), means=torch.full((1, d), 5.0, dtype=torch.float64),
+                              covs=1e-4 * torch.eye(d, dtype=torch.float64)[None])
+    path = str(tmp_path / "far_prior.pt")
+    torch.save(ck, path)
+    seen, decode = [], VAE.decode
+    monkeypatch.setattr(VAE, "decode", lambda self, z: seen.append(z) or decode(self, z))
+    for prior in ("expost", "normal"):
+        seen.clear()
+        sample.main(["--ckpt", path, "--steps", "2", "--n", "64", "--prior", prior, "--out", str(tmp_path / prior)])
+        z = torch.cat(seen)
+        assert z.shape == (64, d)
+        if prior == "expost":
+            assert ((z - 5).abs() < 0.06).all()
+        else:
+            assert ((z - 5).abs() > 1).all() and abs(z.mean()) < 5 / (64 * d) ** 0.5 and abs(z.std() - 1) < 0.1
 
 
 @pytest.mark.parametrize("mode,extra", [("recon", []), ("interp", []), ("arith", ["--attr", "7", "--base", "1"])])
@@ -280,16 +377,18 @@ def test_a_signal_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data_d
 
 
 def test_bf16_autocast_trains_stage_2_to_bf16_precision_of_the_fp32_loss(tmp_path, data_dir, trained, capsys):
-    # train.py --bf16 on: the same seeded first batch, t and noise, the forward under bf16 autocast. Its first loss,
-    # before any update, differs from fp32 by bf16 rounding only (test_runtime's 5 u bound, u = 2^-8).
+    # train.py --bf16 on: the same seeded batches, t and noise, the UNet's forward under bf16 autocast, x_hat_0 decoded
+    # in fp32. The first loss is the residual target's alone (the UNet's last conv starts at 0), so it is the same;
+    # the second, after one update, differs from fp32 by bf16 rounding only (test_runtime's 5 u bound, u = 2^-8).
     common = ["--stage", "ddpm", "--data_dir", data_dir, "--vae_ckpt", os.path.join(trained, "vae.pt"),
               "--steps", "2", *TINY, "--log_every", "1"]
     train.main([*common, "--ckpt", str(tmp_path / "fp32.pt")])
     capsys.readouterr()
     train.main([*common, "--ckpt", str(tmp_path / "bf16.pt"), "--bf16", "on"])
     assert "amp bf16" in capsys.readouterr().out
-    fp32, bf16 = (load(str(tmp_path / f"{n}.pt"))["history"][0][1] for n in ("fp32", "bf16"))
-    assert fp32 != bf16 and abs(bf16 / fp32 - 1) < 5 * 2.0 ** -8, (fp32, bf16)
+    fp32, bf16 = ([h[1] for h in load(str(tmp_path / f"{n}.pt"))["history"]] for n in ("fp32", "bf16"))
+    assert fp32[0] == bf16[0]
+    assert fp32[1] != bf16[1] and abs(bf16[1] / fp32[1] - 1) < 5 * 2.0 ** -8, (fp32, bf16)
 
 
 def test_stage2_draws_z_from_the_cached_codes_of_its_vae(tmp_path, data_dir, trained):
