@@ -173,7 +173,7 @@ class GaussianDiffusion(nn.Module):
         b, a, ab = (extract(v, t, x) for v in (self.betas, self.alphas, self.alphas_cumprod))
         return b ** 2 / (2 * self.model_log_variance(t, x, var_type).exp() * a * (1 - ab))
 
-    def vlb_terms_bpd(self, eps_fn, x0, var_type="fixedsmall", progress=False):
+    def vlb_terms_bpd(self, eps_fn, x0, var_type="fixedsmall", progress=False, t_start=None, start_mean=None):
         """The full variational bound of DDPM eq. 5, per image, in bits per dimension (x_0 on the 8-bit grid):
 
             L = L_T + sum_{t>1} L_{t-1} + L_0
@@ -181,12 +181,17 @@ class GaussianDiffusion(nn.Module):
             L_{t-1} = E_q KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t))       (one x_t draw per t)
             L_0     = -log p_theta(x_0 | x_1), the discretised Gaussian decoder   (DDPM eq. 13)
 
-        Returns dict(total, prior, terms) with terms (B, T) and the others (B,), all in bits/dim.
+        A chain started at the code timestep t_start from p(x_{t_s}) = N(sqrt(alpha-bar_{t_s}) start_mean,
+        (1 - alpha-bar_{t_s}) I) (a truncated refiner, diffusevae.truncated_start) has the same bound with T replaced
+        by t_s: its prior term is KL(q(x_{t_s} | x_0) || p(x_{t_s})) = alpha-bar/(2 (1 - alpha-bar)) ||x_0 - start_mean||^2.
+        Returns dict(total, prior, terms) with terms (B, t_s + 1) (t_s = T - 1 by default) and the others (B,),
+        all in bits/dim.
         """
         B, D = x0.shape[0], x0[0].numel()
         to_bpd = 1.0 / (D * math.log(2.0))
+        last = self.T - 1 if t_start is None else int(t_start)
         terms = []
-        for i in tqdm(range(self.T), disable=not progress, desc="vlb"):
+        for i in tqdm(range(last + 1), disable=not progress, desc="vlb"):
             t = torch.full((B,), i, device=x0.device, dtype=torch.long)
             x_t = self.q_sample(x0, t, torch.randn_like(x0))
             eps = eps_fn(x_t, self.timestep_map.to(x0.device)[t])
@@ -200,9 +205,13 @@ class GaussianDiffusion(nn.Module):
                 kl = normal_kl(true_mean, true_log_var, mean, log_var)
                 terms.append(kl.flatten(1).sum(1) * to_bpd)
         terms = torch.stack(terms, dim=1)
-        t_last = torch.full((B,), self.T - 1, device=x0.device, dtype=torch.long)
+        t_last = torch.full((B,), last, device=x0.device, dtype=torch.long)
         mean_T, var_T = self.q_mean_variance(x0, t_last)
-        prior = normal_kl(mean_T, var_T.log(), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1) * to_bpd
+        if start_mean is None:  # p(x_T) = N(0, I)
+            prior = normal_kl(mean_T, var_T.log(), torch.zeros_like(x0), torch.zeros_like(x0))
+        else:  # p(x_{t_s}) = q(x_{t_s} | x_0 = start_mean)
+            prior = normal_kl(mean_T, var_T.log(), self.q_mean_variance(start_mean, t_last)[0], var_T.log())
+        prior = prior.flatten(1).sum(1) * to_bpd
         return dict(total=terms.sum(1) + prior, prior=prior, terms=terms)
 
     # --- samplers ------------------------------------------------------------------------------------

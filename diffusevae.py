@@ -129,7 +129,8 @@ def eps_from_output(param, diffusion, out, chain_t, t, x_hat0):
 
 
 def null_condition(x_hat0):
-    """The fixed input that stands for 'no x_hat_0' in classifier-free guidance: zeros, mid-grey in [-1, 1]."""
+    """The fixed input that stands for 'no x_hat_0' in classifier-free guidance: zeros, mid-grey in [-1, 1]. Being 0, it
+    is also no shift: Formulation 2's chain shifted by it is the unshifted, standard one."""
     return torch.zeros_like(x_hat0)
 
 
@@ -148,8 +149,10 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
     network's output against training_target (for param = eps: the noise of the forward draw). The denoiser sees
     x_t and x_hat_0. t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start
     (refine) is only ever called at t <= t_start, so training it there spends every example where it is used.
-    cond_drop: the probability that the denoiser sees the null input instead of x_hat_0 (drop_condition; the
-    forward process, and in form 2 its shift, still use x_hat_0; a residual is taken from the input the network saw).
+    cond_drop: the probability that the denoiser sees the null input instead of x_hat_0 (drop_condition). In form 2
+    such an example's chain is shifted by the null input 0, i.e. not at all: the null branch learns the unshifted
+    y-chain, the standard DDPM chain of x_0, as in form 1 (chain_eps_fn). A residual is taken from the input the
+    network saw.
     border > 0: the process and the loss are on the content only (x_0, x_hat_0 cropped; noise is then content-sized)."""
     if param == "residual" and x_hat0 is None:
         raise ValueError("the residual parameterisation predicts x_0 - x_hat_0: it needs x_hat_0 (not --cond none)")
@@ -158,8 +161,8 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
         t_max = diffusion.T - 1 if t_max is None else t_max
         t = torch.randint(0, t_max + 1, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0) if noise is None else noise
-    x_t = denoiser_input(form, x0, x_hat0, diffusion, t, noise)
     cond = drop_condition(x_hat0, cond_drop) if x_hat0 is not None else None
+    x_t = denoiser_input(form, x0, cond, diffusion, t, noise)  # form 2: shifted by what the network sees (null: 0)
     target = training_target(param, diffusion, x0, cond, t, noise)  # residual: relative to what the network sees
     out = eps_model(x_t, t, cond) if z is None else eps_model(x_t, t, cond, z=z)  # z: a z-conditioned UNet
     return loss_simple(out, target), t
@@ -198,16 +201,18 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
     eps_theta(y + x_hat_0, t, x_hat_0). A network trained for another `param` is converted (eps_from_output;
     `diffusion` is then the original T-step process, whose code indices t the samplers pass).
     guidance w > 0 (classifier-free guidance on x_hat_0, for a network trained with cond_drop > 0):
-    eps = (1 + w) eps(x_t, x_hat_0) - w eps(x_t, null), the eps of the sharpened p(x_hat_0 | x_t)^w p(x_t | x_hat_0).
+    eps = (1 + w) eps(chain_t, x_hat_0) - w eps(chain_t, null). The null branch sees the chain unshifted in both
+    forms (form 2 shifts by the condition, and the null input is 0), so it is the unconditional eps of the standard
+    chain y_t and the guided eps is that of the sharpened p(y_t | x_hat_0) p(x_hat_0 | y_t)^w.
     z: the latent, for a z-conditioned network (unet.py z_dim > 0)."""
     if form not in (1, 2) or (form == 2 and x_hat0 is None):
         raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
     if guidance < 0 or (guidance > 0 and x_hat0 is None):
         raise ValueError(f"guidance must be >= 0 and needs an x_hat_0 to guide by, got {guidance}")
-    shift = x_hat0 if form == 2 else 0
 
     def eps_given(x, t, cond):
-        out = eps_model(x + shift, t, cond) if z is None else eps_model(x + shift, t, cond, z=z)
+        x_in = x + cond if form == 2 else x  # form 2: the chain shifted by the condition the network sees
+        out = eps_model(x_in, t, cond) if z is None else eps_model(x_in, t, cond, z=z)
         return eps_from_output(param, diffusion, out, x, t, cond)  # residual: cond + out, as in training
     if guidance == 0:
         return lambda x, t: eps_given(x, t, x_hat0)
@@ -217,7 +222,7 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
 
 @torch.no_grad()
 def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False, param="eps",
-              border=0):
+              border=0, t_start=None):
     """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image ([DiffuseVAE]):
 
         -log p(x_0) <= E_{z ~ q(z|x_0)}[ -log p_phi(x_0 | x_hat_0 = dec(z)) ] + KL(q(z|x_0) || p(z))
@@ -225,7 +230,9 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
 
     with L_DDPM the full DDPM bound of ddpm.vlb_terms_bpd. In form 2 the bound is that of the y-chain
     (y_t = x_t - x_hat_0, y_0 = x_0): each KL is between two Gaussians shifted alike, so it is unchanged.
-    With vae=None it is the unconditional DDPM's bound. Returns dict(total, ddpm, kl_z), each (B,) bits/dim.
+    With vae=None it is the unconditional DDPM's bound. t_start: the bound of the refiner started there (refine),
+    whose chain starts from truncated_start's law and runs on the timesteps 0..t_start only (ddpm.vlb_terms_bpd).
+    Returns dict(total, ddpm, kl_z), each (B,) bits/dim.
     border > 0 (a network of the content only): the frame holds FRAME_VALUE, the model puts it there with
     probability 1, so its dimensions add 0 bits; the DDPM term is the content's bound spread over every dimension."""
     if vae is None:
@@ -239,7 +246,10 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
         raise ValueError(f"the images are not {FRAME_VALUE} in their outer {border} pixels, where this network "
                          f"models nothing: its bound holds only for framed images (border 0 models every pixel)")
     eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
-    ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0c, var_type=var_type, progress=progress)["total"]
+    if t_start is not None and x_hat0 is None:
+        raise ValueError("a truncated start (t_start) needs x_hat_0 to start from: the unconditional model has none")
+    ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0c, var_type=var_type, progress=progress, t_start=t_start,
+                                       start_mean=x_hat0 if t_start is not None else None)["total"]
     ddpm_bpd = ddpm_bpd * x0c[0].numel() / x0[0].numel()  # bits per content dimension -> per image dimension
     return dict(total=ddpm_bpd + kl_z, ddpm=ddpm_bpd, kl_z=kl_z)
 

@@ -17,6 +17,18 @@ def gaussian_eps_oracle(diffusion, m, s):
     return eps_fn
 
 
+def linear_schedule_by_hand(T=1000, beta_start=1e-4, beta_end=0.02):
+    """(betas, alpha-bar) of the DDPM paper's linear schedule (Sec. 4), from its definition and nothing of ddpm.py:
+    beta_t = beta_start + (beta_end - beta_start) (t - 1) / (T - 1) for the paper's t = 1..T (code index t - 1),
+    alpha-bar_t = prod_{s <= t} (1 - beta_s). float64 tensors of length T."""
+    betas = [beta_start + (beta_end - beta_start) * i / (T - 1) for i in range(T)]
+    ab, prod = [], 1.0
+    for b in betas:
+        prod *= 1 - b
+        ab.append(prod)
+    return torch.tensor(betas, dtype=torch.float64), torch.tensor(ab, dtype=torch.float64)
+
+
 def grid_values():
     """The 256 levels of 8-bit data in [-1, 1]."""
     return torch.linspace(-1, 1, 256, dtype=torch.float64)
@@ -42,6 +54,17 @@ def discrete_eps_oracle(diffusion, probs):
         eps = (flat - ab.sqrt() * x0_mean) / (1 - ab).sqrt()
         return eps.reshape(x_t.shape)
     return eps_fn
+
+
+def log_bin_mass(x0, mean, sd):
+    """log of N(mean, sd^2)'s mass on x0's bin [x0 - 1/255, x0 + 1/255] of the 8-bit grid, the edge bins extended to
+    -inf and +inf (DDPM eq. 13), computed through log Phi on the side of 0 where the difference does not cancel."""
+    hi = torch.where(x0 > 0.999, torch.full_like(x0, math.inf), (x0 + 1 / 255 - mean) / sd)
+    lo = torch.where(x0 < -0.999, torch.full_like(x0, -math.inf), (x0 - 1 / 255 - mean) / sd)
+    right = hi + lo > 0  # mass = Phi(hi) - Phi(lo) = Phi(-lo) - Phi(-hi)
+    a, b = torch.where(right, -hi, lo), torch.where(right, -lo, hi)
+    log_b = torch.special.log_ndtr(b)
+    return log_b + torch.log1p(-torch.exp(torch.special.log_ndtr(a) - log_b))
 
 
 def entropy_bits(probs):

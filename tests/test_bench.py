@@ -1,7 +1,8 @@
 """bench.py's code, not its numbers (those belong to a machine): the README's commands parse, the stage-2 step it
-times is train.py's for both paths (the same z, t and noise: the same loss) and measures a finite speed, the
-convolution FLOPs it reads off the profiler are torch's own count, and the diffusers comparison puts both models in
-the same memory format. Tiny networks keep it to a few seconds."""
+times computes train.py's loss (written out here) in every variant and its rows set each variant's time against the
+first's, the convolution FLOPs it reads off the profiler are torch's own count, and the diffusers comparison runs
+every model on the same batch with its input and weights in the row's memory format. Tiny networks keep it to a few
+seconds."""
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import vae as vae_module
+from oracles import linear_schedule_by_hand
 from unet import UpsampleConv
 
 CPU = torch.device("cpu")
@@ -90,13 +92,68 @@ def test_bf16_rows_are_train_pys_path_under_autocast_where_the_cpu_has_amx(tiny,
     assert rows[-1]["after"] == base + bench.BF16 and 0 < rows[-1]["speedup"] < float("inf")
 
 
-def test_stage2_bench_gives_a_finite_speed_for_both_paths(tiny):
+def stage2_first_loss_by_hand(border):
+    """train.py's stage-2 loss at step 0 on bench's fixed batch, written out: the weights and batch as seeded by
+    stage2_step (seed 0), then under step_seed(0, 0, 0) z = mu + sigma eps_z (reparameterisation), x_hat_0 = dec(z),
+    t ~ U{0..t_start}, eps ~ N(0, I) in that order (train.py's), the content without the `border` frame, and
+    form 2 with the residual target: x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps + x_hat_0 and
+    loss = mean((x_0 - x_hat_0) - net(x_t, t, x_hat_0))^2 over the batch and pixels."""
+    cfg = dict(bench.PRESETS["cpu"], border=border)
+    assert cfg["param"] == "residual" and cfg["schedule"] == "linear" and cfg["T"] == 1000  # what is written here
+    torch.manual_seed(0)
+    vae = bench.make_vae(cfg, 1).eval()
+    unet = bench.make_unet(cfg, 1, cond_ch=1).train()
+    x0 = bench.random_images(cfg, TINY["batch_size"], CPU)
+    with torch.no_grad():
+        mu, logvar = vae.encode(x0)
+        torch.manual_seed(bench.step_seed(0, 0, 0))
+        x_hat0 = vae.decode(mu + (0.5 * logvar).exp() * torch.randn(mu.shape))
+        crop = (lambda x: x[..., border:-border, border:-border]) if border else (lambda x: x)
+        x0, x_hat0 = crop(x0), crop(x_hat0)
+        t = torch.randint(0, cfg["t_start"] + 1, (x0.shape[0],))
+        noise = torch.randn(x0.shape)
+        a = linear_schedule_by_hand(1000)[1][t].float().reshape(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise + x_hat0
+        return ((x0 - x_hat0) - unet(x_t, t, x_hat0)).pow(2).mean()
+
+
+def test_stage2_speedups_are_before_over_after_and_each_variant_computes_train_pys_loss(tiny, monkeypatch):
+    """bench_stage2's rows: before = the first variant, after = each other, ms = 1e3 s, speedup = before / after,
+    img/s = batch / s, with the seconds race() gives (replaced here by known ones); and the step each variant hands
+    to race computes, at its first call, train.py's stage-2 loss written out by hand (RTOL: the variants reorder
+    float32 sums). DDPM's init zeroes the UNet's output conv, which would make that loss |x_0 - x_hat_0|^2 whatever
+    x_t, t and the noise: the zeroed weights are Xavier-initialised here (in bench and by hand alike)."""
+    make_unet = bench.make_unet
+
+    def make_unet_without_zero_layers(*args, **kwargs):
+        net = make_unet(*args, **kwargs)
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+                torch.nn.init.xavier_uniform_(m.weight)
+        return net
+    monkeypatch.setattr(bench, "make_unet", make_unet_without_zero_layers)
+    seconds = {name: 0.01 * (k + 2) for k, name in enumerate(bench.STAGE2_VARIANTS)}
+    first_loss = {}
+
+    def fake_race(fns, iters, rounds, device, warmup=1):
+        assert list(fns) == list(bench.STAGE2_VARIANTS)
+        first_loss.update({name: fn().item() for name, fn in fns.items()})
+        return dict(seconds)
+    monkeypatch.setattr(bench, "race", fake_race)
     rows = bench.bench_stage2("cpu", CPU, iters=1, rounds=1)
-    assert [r["after"] for r in rows] == list(bench.STAGE2_VARIANTS)[1:]
+    before, *afters = bench.STAGE2_VARIANTS
+    batch = TINY["batch_size"]
+    assert [r["after"] for r in rows] == afters
     for r in rows:
-        assert r["before"] == next(iter(bench.STAGE2_VARIANTS)) and r["what"].endswith("batch 4")
-        for key in ("before_img_s", "after_img_s", "speedup"):
-            assert 0 < r[key] < float("inf"), (key, r)
+        s0, s1 = seconds[before], seconds[r["after"]]
+        assert r["before"] == before and r["what"].endswith(f"batch {batch}")
+        assert r["before_ms"] == pytest.approx(1e3 * s0) and r["after_ms"] == pytest.approx(1e3 * s1)
+        assert r["speedup"] == pytest.approx(s0 / s1)
+        assert r["before_img_s"] == pytest.approx(batch / s0) and r["after_img_s"] == pytest.approx(batch / s1)
+    by_hand = {border: stage2_first_loss_by_hand(border).item() for border in (0, 2)}
+    for name, flags in bench.STAGE2_VARIANTS.items():
+        assert first_loss[name] == pytest.approx(by_hand[flags[5]], rel=RTOL), name
+    assert abs(by_hand[2] / by_hand[0] - 1) > 1e-3  # the border variant trains another model: its loss differs
 
 
 def test_conv_flops_read_off_the_profiler_match_the_flop_counter():
@@ -135,27 +192,63 @@ def test_the_transposed_up_conv_path_does_16_of_the_36_multiply_adds_of_each_ups
     assert flops[False] - flops[True] == 3 * 2 * B * C * C * H * H * (36 - 16)
 
 
+_build = bench.build  # bench_diffusers' own models are wrapped by the test below; the fake's inner UNet is not
+
+
 class FakeUNet2DModel(torch.nn.Module):
     """Stands in for diffusers' UNet2DModel (not a requirement): our own unconditional UNet behind its interface,
-    recording the memory format of its input and weights at every call."""
-    seen = set()
+    recording the configuration it is built with and what each call sees."""
+    configs, calls = [], []
 
     def __init__(self, **config):
         super().__init__()
-        self.net = bench.build("ddpm", "cifar10", CPU, dropout=0.0)
+        FakeUNet2DModel.configs.append(config)
+        self.net = _build("ddpm", "cifar10", CPU, dropout=0.0)
 
     def forward(self, x, t):
-        cl = torch.channels_last
-        FakeUNet2DModel.seen.add((x.is_contiguous(memory_format=cl) and not x.is_contiguous(),
-                                  self.net.conv_in.weight.is_contiguous(memory_format=cl)))
+        FakeUNet2DModel.calls.append(("diffusers", *what_a_call_sees(self, x)))
         return SimpleNamespace(sample=self.net(x, t))
 
 
-def test_diffusers_rows_put_both_models_in_the_same_memory_format(tiny):
-    FakeUNet2DModel.seen.clear()
+def what_a_call_sees(model, x):
+    """(the input's layout, its 4-D weights' layout, the UpsampleConvs' fast flags, the input's values). A layout is
+    'channels_last' when every 4-D tensor is NHWC and one is not also NCHW (a 1x1 kernel is both), else
+    'contiguous' when every one is NCHW, else 'mixed'."""
+    def layout_of(tensors):
+        if all(w.is_contiguous(memory_format=torch.channels_last) for w in tensors) and \
+                not all(w.is_contiguous() for w in tensors):
+            return "channels_last"
+        return "contiguous" if all(w.is_contiguous() for w in tensors) else "mixed"
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    fast = frozenset(m.fast for m in model.modules() if isinstance(m, UpsampleConv))
+    return layout_of([x]), layout_of(weights), fast, x.detach().contiguous().clone()
+
+
+def test_diffusers_rows_run_each_model_on_the_same_batch_with_input_and_weights_in_the_rows_layout(tiny, monkeypatch):
+    """bench_diffusers: each of the three models runs in both layouts with its input and every conv weight in that
+    layout (a model in one format and its batch in another would time a layout conversion), all on the same batch;
+    ours with the transposed up-conv, its copy with nearest + conv; diffusers' model built to our preset's
+    architecture (TINY: two levels of 8 and 16 channels, attention at the 8x8 level only, one head of 16 channels)."""
+    FakeUNet2DModel.configs.clear()
+    FakeUNet2DModel.calls.clear()
+
+    def build(*args, **kwargs):  # bench's own UNet, recording each call (a deepcopy keeps the hook)
+        model = _build(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, inputs: FakeUNet2DModel.calls.append(
+            ("ours", *what_a_call_sees(m, inputs[0]))))
+        return model
+    monkeypatch.setattr(bench, "build", build)
     rows = bench.bench_diffusers(FakeUNet2DModel, CPU, batch=2, iters=1, rounds=1)
     models = ("ours (unet.UNet)", "ours, nearest+conv upsampling", "diffusers UNet2DModel")
     assert {(r["model"], r["layout"]) for r in rows} == {(m, lay) for m in models for lay in ("contiguous", "channels_last")}
-    assert FakeUNet2DModel.seen == {(False, False), (True, True)}  # input and weights alike, in each layout
-    assert len({r["params"] for r in rows}) == 1
-    assert all(0 < r["img_per_s"] < float("inf") for r in rows)
+    seen = {(who, x_layout, w_layout, fast) for who, x_layout, w_layout, fast, _ in FakeUNet2DModel.calls}
+    assert seen == {(who, lay, lay, fast) for lay in ("contiguous", "channels_last")
+                    for who, fast in (("ours", frozenset({True})), ("ours", frozenset({False})),
+                                      ("diffusers", frozenset({True})))}, seen
+    x = FakeUNet2DModel.calls[0][-1]
+    assert all(torch.equal(call[-1], x) for call in FakeUNet2DModel.calls)
+    [config] = FakeUNet2DModel.configs
+    assert (config["sample_size"], config["block_out_channels"], config["layers_per_block"]) == (16, (8, 16), 1)
+    assert config["down_block_types"] == ("DownBlock2D", "AttnDownBlock2D")
+    assert config["up_block_types"] == ("AttnUpBlock2D", "UpBlock2D")
+    assert config["attention_head_dim"] == 16 and config["norm_num_groups"] == 8

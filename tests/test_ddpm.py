@@ -7,7 +7,7 @@ import torch
 
 import ddpm
 from oracles import (discrete_eps_oracle, discrete_gaussian_probs, entropy_bits, full, gaussian_eps_oracle,
-                     grid_values)
+                     grid_values, linear_schedule_by_hand, log_bin_mass)
 
 T = 1000
 
@@ -169,10 +169,53 @@ def test_discretized_decoder_is_a_distribution_over_the_256_levels():
         assert lp.exp().sum().item() == pytest.approx(1.0, abs=256e-12)
 
 
+def expected_vlb_bits_by_quadrature(probs, T=T):
+    """E_{x_0, x_{1:T}}[L] of DDPM eq. 5 for 1-D data on the 8-bit grid with probabilities `probs`, the exact denoiser
+    and sigma_t^2 = beta_t (beta-tilde_2 at the first step, as ddpm.model_log_variance 'fixedlarge'), in bits, from
+    the linear schedule's definition. With the exact denoiser mu_theta(x_t) = mu-tilde(x_t, E[x_0 | x_t]), so
+    mu-tilde - mu_theta = c1 (x_0 - E[x_0 | x_t]) and, by the law of total variance, for t >= 2 (code t >= 1)
+        E L_{t-1} = 1/2 [log(sigma^2 / beta-tilde) + beta-tilde / sigma^2 - 1] + c1^2 E[Var(x_0 | x_t)] / (2 sigma^2),
+    c1 = sqrt(ab_{t-1}) beta_t / (1 - ab_t); at t = 1, c1 = 1 and c2 = 0, so L_0 = E[-log P(x_0 | mean E[x_0 | x_1])];
+    L_T = KL(N(sqrt(ab_T) x_0, 1 - ab_T) || N(0, 1)) averaged over x_0. The x_t integrals are Riemann sums on a grid of
+    step sd / 3 over +-7 sd beyond the data's range, sd = sqrt(1 - ab_t), which the integrands (Gaussian mixtures)
+    make accurate to ~1e-13 bits: halving the step changes the result by less."""
+    betas, ab = linear_schedule_by_hand(T)
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    post_var = betas * (1 - ab_prev) / (1 - ab)
+    sigma2 = torch.cat([post_var[1:2], betas[1:]])
+    c1 = betas * ab_prev.sqrt() / (1 - ab)
+    xs, log_p = grid_values(), probs.log()
+
+    def posterior_on_grid(i):
+        """(grid step, x_t grid, q(x_t), E[x_0 | x_t], Var(x_0 | x_t), q(x_0 | x_t) over the levels)."""
+        sd, c = (1 - ab[i]).sqrt(), ab[i].sqrt()
+        x = torch.linspace(-c - 7 * sd, c + 7 * sd, int((2 * c + 14 * sd) / (sd / 3)) + 2, dtype=torch.float64)
+        log_w = log_p - (x[:, None] - c * xs) ** 2 / (2 * sd ** 2)                   # (n, 256)
+        log_q = torch.logsumexp(log_w, 1)
+        w = (log_w - log_q[:, None]).exp()
+        mean = (w * xs).sum(1)
+        var = (w * (xs - mean[:, None]) ** 2).sum(1)
+        return x[1] - x[0], x, (log_q - 0.5 * math.log(2 * math.pi) - sd.log()).exp(), mean, var, w
+
+    nats = (probs * 0.5 * (-(1 - ab[-1]).log() + (1 - ab[-1]) + ab[-1] * xs ** 2 - 1)).sum()       # L_T
+    for i in range(1, T):                                                                          # L_{t-1}, t >= 2
+        h, _, q, _, var, _ = posterior_on_grid(i)
+        nats += 0.5 * ((sigma2[i] / post_var[i]).log() + post_var[i] / sigma2[i] - 1)
+        nats += c1[i] ** 2 * (q * var).sum() * h / (2 * sigma2[i])
+    h, _, q, mean, _, w = posterior_on_grid(0)                                                     # L_0
+    joint = q[:, None] * w                                                      # density of (x_1, x_0 = level)
+    log_mass = log_bin_mass(xs, mean[:, None], sigma2[0].sqrt())
+    nats -= torch.where(joint > 0, joint * log_mass, torch.zeros_like(joint)).sum() * h
+    return nats.item() / math.log(2)
+
+
 def test_vlb_bounds_the_true_nll_for_discrete_gaussian_data_with_the_exact_denoiser():
     """E[VLB] >= -log p(x_0) (the data's entropy) with the exact optimal denoiser, and that denoiser minimises the
     bound: denoisers exact for a slightly wrong data law give a larger bound on the same draws (paired test).
-    Data: a discretised Gaussian on the 8-bit grid, 1 dimension, sigma_t^2 = beta_t."""
+    Data: a discretised Gaussian on the 8-bit grid, 1 dimension, sigma_t^2 = beta_t.
+    E[VLB] is computed twice: by quadrature from the derivation (expected_vlb_bits_by_quadrature), which must exceed
+    the entropy, and by vlb_terms_bpd's Monte Carlo estimate (one x_t per image and t), which must agree with it to 4
+    standard errors of its mean over the N images (each image's total is an independent draw of the same law)."""
     diff = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T))
     probs = discrete_gaussian_probs(m=0.1, s=0.25)
     nll_bits = entropy_bits(probs)
@@ -184,11 +227,13 @@ def test_vlb_bounds_the_true_nll_for_discrete_gaussian_data_with_the_exact_denoi
         torch.manual_seed(6)  # the same x_t draws for every denoiser: differences are paired
         return diff.vlb_terms_bpd(discrete_eps_oracle(diff, probs_model), x0, var_type="fixedlarge")["total"]
 
+    exact = expected_vlb_bits_by_quadrature(probs)
+    # the gap (0.12 bits/dim of 7.04) is the Gaussian reverse kernels' misfit to the discrete posterior at small t;
+    # the quadrature's error (~1e-13) cannot make it change sign
+    assert exact > nll_bits, (exact, nll_bits)
     vlb = bound(probs)
     mean, se = vlb.mean().item(), vlb.std().item() / math.sqrt(N)
-    assert mean > nll_bits - 4 * se
-    # measured gap 0.13 bits/dim (of 7.04): the Gaussian reverse kernels cannot fit the discrete posterior at small t
-    assert mean - nll_bits < 0.2, (mean, nll_bits)
+    assert abs(mean - exact) < 4 * se, (mean, exact, se)
     for wrong_s in [0.15, 0.4]:
         delta = bound(discrete_gaussian_probs(m=0.1, s=wrong_s)) - vlb
         assert delta.mean().item() > 4 * delta.std().item() / math.sqrt(N)
@@ -299,6 +344,48 @@ def test_ancestral_sampling_with_exact_denoiser_recovers_the_data_gaussian(diff,
                            var_type=var_type, generator=g)
     assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
     assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N)
+
+
+@pytest.mark.parametrize("var_type", ["fixedsmall", "fixedlarge"])
+def test_clipped_ancestral_sampling_steps_to_the_ddpm_eq7_mean_at_the_clipped_x0(diff, var_type):
+    # ddpm.sample(sampler="ddpm", clip_x0=True) over 10 respaced steps against the same chain written out here from
+    # the linear schedule's definition alone. At each visited code step t, with t' the next one visited (ab_t' = 1
+    # after the last) and the respaced step's beta_t = 1 - ab_t / ab_t', alpha_t = ab_t / ab_t':
+    #   x0_hat = clip((x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t), -1, 1)                            (eq. 4 for x_0)
+    #   mean   = sqrt(ab_t') beta_t / (1 - ab_t) x0_hat + sqrt(alpha_t) (1 - ab_t') / (1 - ab_t) x_t    (DDPM eq. 7)
+    #   x_t'   = mean + sigma_t z, sigma_t^2 = beta-tilde_t = (1 - ab_t') beta_t / (1 - ab_t) (fixedsmall) or beta_t
+    #            (fixedlarge); no z at the last step
+    # with z from an identically seeded generator. The data N(0.2, 1) reach past [-1, 1], so the exact denoiser's
+    # x0_hat is clipped for some samples (5-25%) at the late steps and for none at the first: both sides of the
+    # clip are exercised. Float64 throughout: roundoff (1e-16) amplified by 1/sqrt(ab_T) ~ 157 in x0_hat, over 10
+    # steps, stays below 1e-12; the tolerance 1e-11 is ten times that.
+    m, s, N, S = 0.2, 1.0, 4000, 10
+    _, ab_all = linear_schedule_by_hand(T)
+
+    def eps_fn(x, t):  # E[eps | x_t] for x_0 ~ N(m, s^2) (Gaussian conditioning; oracles.py's formula), from ab_all
+        a = ab_all[t].reshape(-1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * m) / (a * s ** 2 + 1 - a)
+    taus = [round((T - 1) * k / (S - 1)) for k in range(S)]  # the uniform spacing of ddim_timesteps
+    x_T = torch.randn(N, 1, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    got = ddpm.sample(diff, eps_fn, x_T, steps=S, sampler="ddpm", var_type=var_type, clip_x0=True,
+                      generator=torch.Generator().manual_seed(13))
+    g = torch.Generator().manual_seed(13)
+    x, clipped = x_T, []
+    for k in reversed(range(S)):
+        a = ab_all[taus[k]]
+        a_prev = ab_all[taus[k - 1]] if k > 0 else torch.tensor(1.0, dtype=torch.float64)
+        beta, alpha = 1 - a / a_prev, a / a_prev
+        x0 = (x - (1 - a).sqrt() * eps_fn(x, torch.full((N,), taus[k]))) / a.sqrt()
+        clipped.append((x0.abs() > 1).double().mean().item())
+        x0 = x0.clamp(-1, 1)
+        mean = a_prev.sqrt() * beta / (1 - a) * x0 + alpha.sqrt() * (1 - a_prev) / (1 - a) * x
+        if k > 0:
+            var = (1 - a_prev) * beta / (1 - a) if var_type == "fixedsmall" else beta
+            x = mean + var.sqrt() * torch.randn(N, 1, generator=g, dtype=torch.float64)
+        else:
+            x = mean
+    assert clipped[0] == 0 and 0.05 < max(clipped) < 0.95, clipped
+    assert torch.allclose(got, x, rtol=0, atol=1e-11), (got - x).abs().max()
 
 
 def test_sample_rejects_bad_arguments(diff):

@@ -9,7 +9,7 @@ import ddpm
 import diffusevae as DV
 from data import to_model_range
 from ddpm import extract
-from oracles import full, gaussian_eps_oracle
+from oracles import full, gaussian_eps_oracle, linear_schedule_by_hand
 from test_ddpm import bayes_posterior_on_grid
 
 T = 1000
@@ -202,22 +202,30 @@ def test_clipping_x0_changes_nothing_inside_the_data_range_and_bounds_the_output
 
 
 def test_ddpm_loss_form2_equals_the_standard_loss_on_shifted_variables(diff):
+    # L_simple of a known network, by hand: x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, plus x_hat_0 in form 2 (the
+    # derivation's marginal q(x_t | x_0, x_hat_0) = N(sqrt(ab_t) x_0 + x_hat_0, (1 - ab_t) I)), ab_t from the linear
+    # schedule's definition, and the loss the mean over pixels of (eps - net(x_t, t, x_hat_0))^2. The network is a
+    # fixed random affine map of (x_t, x_hat_0, t), so a wrong shift, marginal, conditioning input or target changes
+    # its loss. Float64: the two computations differ only by roundoff (~1e-16 relative), far inside rtol 1e-12.
     g = torch.Generator().manual_seed(5)
-    x0, x_hat0, noise = (torch.randn(16, 1, 4, 4, generator=g) for _ in range(3))
-    t = torch.randint(0, T, (16,), generator=g)
-    seen = {}
+    B, D = 16, 16
+    x0, x_hat0, noise = (torch.randn(B, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.randint(0, T, (B,), generator=g)
+    W = torch.randn(2 * D + 1, D, generator=g, dtype=torch.float64) / math.sqrt(2 * D + 1)
 
-    def model(x_t, t_, cond):
-        seen["x_t"], seen["cond"] = x_t, cond
-        return torch.zeros_like(x_t)
-    loss2, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=2, t=t, noise=noise)
-    assert torch.allclose(seen["x_t"], diff.q_sample(x0, t, noise) + x_hat0, atol=1e-6)
-    assert seen["cond"] is x_hat0
-    loss1, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=1, t=t, noise=noise)
-    assert torch.allclose(seen["x_t"], diff.q_sample(x0, t, noise), atol=1e-6)
-    assert torch.allclose(loss1, noise.pow(2).flatten(1).mean(1)) and torch.allclose(loss1, loss2)
+    def net(x_t, t_, cond):
+        h = torch.cat([x_t.flatten(1), cond.flatten(1), t_.double()[:, None] / T], 1) @ W
+        return h.reshape(x_t.shape)
+    _, ab = linear_schedule_by_hand(T)
+    a = ab[t].reshape(B, 1, 1, 1)
+    standard = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    for form, x_t in ((2, standard + x_hat0), (1, standard)):
+        by_hand = (noise - net(x_t, t, x_hat0)).pow(2).flatten(1).mean(1)
+        got, t_used = DV.ddpm_loss(net, diff, x0, x_hat0, form=form, t=t, noise=noise)
+        assert torch.equal(t_used, t)
+        assert torch.allclose(got, by_hand, rtol=1e-12, atol=0), (form, (got - by_hand).abs().max())
     with pytest.raises(ValueError, match="form"):
-        DV.ddpm_loss(model, diff, x0, x_hat0, form=3)
+        DV.ddpm_loss(net, diff, x0, x_hat0, form=3)
 
 
 def test_joint_objective_is_the_sum_and_ddpm_gradients_do_not_reach_the_vae(diff):
@@ -348,15 +356,34 @@ def test_guidance_zero_is_the_conditional_model_and_the_null_path_never_sees_x_h
     conds.clear()
     guided = DV.chain_eps_fn(model, x_hat0, form, guidance=w)(y, t)
     assert len(conds) == 2 and conds[0] is x_hat0 and (conds[1] == 0).all()  # the second call gets the null input
-    null_eps = model(y + (x_hat0 if form == 2 else 0), t, torch.zeros_like(x_hat0))
+    null_eps = model(y, t, torch.zeros_like(x_hat0))  # both forms: the null branch sees the chain y_t unshifted
     assert torch.allclose(guided, (1 + w) * plain - w * null_eps, atol=1e-12)
-    # in form 1 the null branch's output does not depend on x_hat_0 at all
-    if form == 1:
-        out = DV.chain_eps_fn(model, x_hat0, 1, guidance=w)(y, t)
-        grad = torch.autograd.grad((out - (1 + w) * plain.detach()).sum(), x_hat0, allow_unused=True)[0]
-        assert torch.allclose(grad, (1 + w) * x_hat0.cos(), atol=1e-12)  # only the conditional branch's dependence
+    # so the null branch's output does not depend on x_hat_0 at all: d guided / d x_hat_0 is (1 + w) times the
+    # conditional branch's, 0.3 [form 2: through its input y + x_hat_0] + cos(x_hat_0) [through its condition]
+    out = DV.chain_eps_fn(model, x_hat0, form, guidance=w)(y, t)
+    grad = torch.autograd.grad(out.sum(), x_hat0)[0]
+    assert torch.allclose(grad, (1 + w) * (0.3 * (form == 2) + x_hat0.cos()), atol=1e-12)
     with pytest.raises(ValueError, match="guidance must be >= 0"):
         DV.chain_eps_fn(model, x_hat0, form, guidance=-1.0)
+
+
+@pytest.mark.parametrize("form", [1, 2])
+def test_a_dropped_condition_trains_the_null_branch_on_the_unshifted_chain(diff, form):
+    # cond_drop: the null input (0) and, in both forms, x_t = sqrt(ab) x_0 + sqrt(1 - ab) eps (DDPM eq. 4), the chain
+    # the null branch is sampled on (chain_eps_fn); a kept condition in form 2 sees that chain shifted by x_hat_0
+    g = torch.Generator().manual_seed(2)
+    x0, x_hat0, noise = (torch.randn(4, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0, 10, 200, 999])
+    ab = linear_schedule_by_hand(1000)[1][t].reshape(-1, 1, 1, 1)
+    y_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    seen = []
+    model = lambda x, tt, cond: seen.append((x, cond)) or torch.zeros_like(x)
+    for p, shift in ((1.0, 0), (0.0, x_hat0 if form == 2 else 0)):
+        seen.clear()
+        DV.ddpm_loss(model, diff, x0, x_hat0, form=form, t=t, noise=noise, cond_drop=p)
+        x_in, cond = seen[0]
+        assert torch.allclose(x_in, y_t + shift, atol=1e-12)
+        assert torch.equal(cond, torch.zeros_like(x_hat0) if p else x_hat0)
 
 
 @pytest.mark.parametrize("form", [1, 2])

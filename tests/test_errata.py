@@ -7,7 +7,7 @@ import torch
 
 import ddpm
 import vae as V
-from oracles import gaussian_eps_oracle
+from oracles import gaussian_eps_oracle, grid_values, linear_schedule_by_hand, log_bin_mass
 from test_ddpm import bayes_posterior_on_grid
 from test_vae import SIGMA, elbo_terms, ppca  # noqa: F401  (ppca is a fixture)
 
@@ -15,47 +15,73 @@ T = 1000
 
 
 def test_luo_forward_step_variance_is_one_minus_alpha_not_its_square_root(diff):
-    # [Luo] prints q(x_t|x_{t-1}) with covariance sqrt(1 - alpha_t) I; only (1 - alpha_t) I gives eq. 4's marginal
-    v_right = v_printed = 0.0
+    # [Luo] prints q(x_t|x_{t-1}) with covariance sqrt(1 - alpha_t) I; it is (1 - alpha_t) I = beta_t I, the only
+    # choice whose steps compose to eq. 4's marginal variance 1 - alpha-bar_t. q_step_sample is affine in
+    # (x_{t-1}, noise): its two coefficients, read off at (1, 0) and (0, 1), are sqrt(alpha_t) and the step's sd.
+    betas, ab = linear_schedule_by_hand(T)
+    t, one, zero = torch.arange(T), torch.ones(T, dtype=torch.float64), torch.zeros(T, dtype=torch.float64)
+    gain, sd = diff.q_step_sample(one, t, zero), diff.q_step_sample(zero, t, one)
+    assert torch.allclose(gain, (1 - betas).sqrt(), rtol=1e-12, atol=0)
+    assert torch.allclose(sd ** 2, betas, rtol=1e-12, atol=0)              # 1 - alpha_t, not sqrt(1 - alpha_t)
+    v = v_printed = 0.0                                                     # Var(x_t | x_0), step by step
     for i in range(T):
-        a = diff.alphas[i].item()
-        v_right = a * v_right + (1 - a)
-        v_printed = a * v_printed + math.sqrt(1 - a)
-    assert v_right == pytest.approx(1 - diff.alphas_cumprod[-1].item(), rel=1e-12)
+        v = gain[i].item() ** 2 * v + sd[i].item() ** 2
+        v_printed = gain[i].item() ** 2 * v_printed + math.sqrt(1 - gain[i].item() ** 2)
+        assert v == pytest.approx(1 - ab[i].item(), rel=1e-10)
     assert v_printed > 5.0  # the printed chain is not variance preserving: far from N(0, I) at T
 
 
-def test_luo_joint_uses_prior_on_x_T_only(diff):
-    # [Luo] writes the prior as p(x_{1:T}); the joint is p(x_T) prod_t p(x_{t-1}|x_t). For a 2-step linear-Gaussian
-    # chain whose reverse kernels are exact, only p(x_T) makes the joint integrate to one with marginal p(x_0).
-    d = ddpm.GaussianDiffusion(torch.tensor([0.3, 0.5], dtype=torch.float64))
-    m, s = 0.4, 0.7
-    xs = torch.linspace(-7, 7, 201, dtype=torch.float64)  # Riemann sums of smooth Gaussians converge fast
-    dx = (xs[1] - xs[0]).item()
-    X0, X1, X2 = torch.meshgrid(xs, xs, xs, indexing="ij")
-    N = torch.distributions.Normal
-    ab = d.alphas_cumprod
-    v = lambda i: ab[i] * s ** 2 + 1 - ab[i]               # Var q(x_t), q(x_t) = N(sqrt(ab) m, v)
-    log_q = lambda x, i: N(ab[i].sqrt() * m, v(i).sqrt()).log_prob(x)
-    # exact reverse kernels q(x_{t-1} | x_t) by Bayes: forward kernel times the marginal ratio
-    log_k1 = N(d.alphas[1].sqrt() * X1, d.betas[1].sqrt()).log_prob(X2) + log_q(X1, 0) - log_q(X2, 1)
-    log_k0 = N(d.alphas[0].sqrt() * X0, d.betas[0].sqrt()).log_prob(X1) + N(m, s).log_prob(X0) - log_q(X1, 0)
-    joint_right = (log_q(X2, 1) + log_k1 + log_k0).exp()
-    assert joint_right.sum().item() * dx ** 3 == pytest.approx(1.0, abs=1e-6)
-    # the printed prior p(x_{1:T}) = p(x_1, x_2) = q(x_2) k1: the product double-counts and is not normalised
-    joint_printed = (log_q(X2, 1) + log_k1 + log_k1 + log_k0).exp()
-    assert abs(joint_printed.sum().item() * dx ** 3 - 1.0) > 0.05
+def test_luo_joint_uses_prior_on_x_T_only():
+    # [Luo] writes the joint as p(x_{1:T}) prod_t p(x_{t-1}|x_t); it is p(x_T) prod_t p(x_{t-1}|x_t), and DDPM eq. 5,
+    # which vlb_terms_bpd estimates, is -E_q[log p(x_{0:T}) / q(x_{1:T} | x_0)] of that joint. A 2-step chain
+    # (betas 0.3, 0.5), one 8-bit x_0, a linear denoiser: -ELBO of each joint by quadrature over (x_1, x_2), in bits,
+    # against vlb_terms_bpd's Monte Carlo mean over N independent draws (4 standard errors). The printed prior
+    # p(x_{1:2}) = p(x_2) p(x_1|x_2) counts the kernel p(x_1|x_2) twice.
+    b1, b2 = 0.3, 0.5
+    a1, a2, ab1, ab2 = 1 - b1, 1 - b2, 1 - b1, (1 - b1) * (1 - b2)
+    d = ddpm.GaussianDiffusion(torch.tensor([b1, b2], dtype=torch.float64))
+    x0 = grid_values()[150].item()
+    eps = lambda x, t: (0.4 + 0.2 * t) * x - 0.1          # any denoiser: the bound holds for each
+    N = 100000
+    torch.manual_seed(10)
+    vlb = d.vlb_terms_bpd(lambda x, t: eps(x, t.double().reshape(-1, 1)), torch.full((N, 1), x0, dtype=torch.float64),
+                          var_type="fixedlarge")["total"]
+    mean, se = vlb.mean().item(), vlb.std().item() / math.sqrt(N)
+
+    N_ = torch.distributions.Normal
+    x1 = torch.linspace(-10, 10, 1201, dtype=torch.float64) * math.sqrt(b1) + math.sqrt(a1) * x0
+    x2 = torch.linspace(-10, 10, 1201, dtype=torch.float64) * math.sqrt(1 - ab2) + math.sqrt(ab2) * x0
+    X1, X2 = torch.meshgrid(x1, x2, indexing="ij")
+    log_q1 = N_(math.sqrt(a1) * x0, math.sqrt(b1)).log_prob(X1)                 # q(x_1 | x_0)
+    log_q2 = N_(math.sqrt(a2) * X1, math.sqrt(b2)).log_prob(X2)                 # q(x_2 | x_1)
+    log_prior = N_(0.0, 1.0).log_prob(X2)                                       # p(x_2)
+    mu2 = (X2 - b2 / math.sqrt(1 - ab2) * eps(X2, 1)) / math.sqrt(a2)           # DDPM eq. 11, sigma_2^2 = beta_2
+    log_k2 = N_(mu2, math.sqrt(b2)).log_prob(X1)                                # p(x_1 | x_2)
+    mu1 = (X1 - b1 / math.sqrt(1 - ab1) * eps(X1, 0)) / math.sqrt(a1)           # the decoder's mean, its variance
+    log_k1 = log_bin_mass(torch.tensor(x0, dtype=torch.float64), mu1,          # beta-tilde_2 (beta-tilde_1 = 0)
+                          math.sqrt((1 - ab1) * b2 / (1 - ab2)))               # P(x_0 | x_1), DDPM eq. 13
+    w = (log_q1 + log_q2).exp() * (x1[1] - x1[0]) * (x2[1] - x2[0])
+    minus_elbo = lambda log_joint: -(w * (log_joint - log_q1 - log_q2)).sum().item() / math.log(2)
+    right = minus_elbo(log_prior + log_k2 + log_k1)
+    printed = minus_elbo(log_prior + log_k2 + log_k2 + log_k1)
+    assert abs(mean - right) < 4 * se, (mean, right, se)
+    assert abs(mean - printed) > 100 * se, (mean, printed, se)
 
 
 def test_luo_posterior_mean_coefficient_uses_alpha_bar_prev(diff):
-    # [Luo] prints sqrt(alpha_{t-1}) (1 - alpha_t) x_0; Bayes' rule gives sqrt(alpha-bar_{t-1}) (1 - alpha_t) x_0
+    # [Luo] prints sqrt(alpha_{t-1}) (1 - alpha_t) x_0; Bayes' rule gives sqrt(alpha-bar_{t-1}) (1 - alpha_t) x_0.
+    # q_posterior_mean_variance against the corrected formula (alpha, alpha-bar from the schedule's definition) and
+    # Bayes' rule on a grid; the printed coefficient is 1000x the grid's own error away.
     i, x0, x_t = 300, 0.6, 0.2
+    betas, ab = linear_schedule_by_hand(T)
+    a, ab_t, ab_prev, a_prev = 1 - betas[i].item(), ab[i].item(), ab[i - 1].item(), 1 - betas[i - 1].item()
+    mu = lambda c: (math.sqrt(a) * (1 - ab_prev) * x_t + c * (1 - a) * x0) / (1 - ab_t)
+    f64 = lambda v: torch.tensor([v], dtype=torch.float64)
+    mean = diff.q_posterior_mean_variance(f64(x0), f64(x_t), torch.tensor([i]))[0].item()
     grid_mean, _ = bayes_posterior_on_grid(diff, x0, x_t, i)
-    a, ab, ab_prev, a_prev = (diff.alphas[i].item(), diff.alphas_cumprod[i].item(),
-                              diff.alphas_cumprod_prev[i].item(), diff.alphas[i - 1].item())
-    mu = lambda c: (math.sqrt(a) * (1 - ab_prev) * x_t + c * (1 - a) * x0) / (1 - ab)
-    assert mu(math.sqrt(ab_prev)) == pytest.approx(grid_mean, rel=1e-9)
-    assert abs(mu(math.sqrt(a_prev)) - grid_mean) > 1e-6  # 1000x the grid's own error
+    assert mean == pytest.approx(mu(math.sqrt(ab_prev)), rel=1e-12)
+    assert mean == pytest.approx(grid_mean, rel=1e-9)
+    assert abs(mu(math.sqrt(a_prev)) - mean) > 1e-6
 
 
 def test_diffusevae_elbo_terms_need_a_log(ppca):  # noqa: F811
@@ -105,13 +131,18 @@ def test_su_eq77_optimal_mean_adds_beta_squared_times_the_score(diff):
 
 
 def test_su_integral_63_is_minus_0_01_so_alpha_bar_T_is_e_minus_5(diff):
-    # [Su] (63) prints int_0^1 log(1 - 0.02 tau) d tau = -1; it is about -0.01007
-    tau = torch.linspace(0, 1, 1_000_001, dtype=torch.float64)
-    integral = torch.trapezoid(torch.log1p(-0.02 * tau), tau).item()
+    # [Su] (63) prints int_0^1 log(1 - 0.02 tau) d tau = -1; it is about -0.01007 (closed form below). It is what
+    # log(alpha-bar_T) / T approaches for [Su]'s schedule beta_t = 0.02 t / T (t = 1..T), which
+    # ddpm.linear_beta_schedule gives with beta_start = 0.02 / T: log alpha-bar_T = sum_t log(1 - 0.02 t / T) is T
+    # times a right Riemann sum of the integral, and for the monotone integrand f the sum differs from T times the
+    # integral by at most |f(1) - f(0)| = -log 0.98.
     closed = -(0.98 * math.log(0.98)) / 0.02 - 1  # [-(1 - 0.02 tau) log(1 - 0.02 tau) / 0.02 - tau]_0^1
-    assert integral == pytest.approx(closed, rel=1e-9)
-    assert integral == pytest.approx(-0.01007, abs=1e-5)
-    # so [Su]'s alpha-bar_T (the square root of DDPM's) is about e^{T/2 * -0.01} = e^-5, not e^-500,
-    # and for the DDPM linear schedule sqrt(alpha-bar_T) = sqrt(4.04e-5) = e^-5.06
-    assert math.exp(T / 2 * integral) == pytest.approx(math.exp(-5.03), rel=1e-2)
+    assert closed == pytest.approx(-0.01007, abs=1e-5)
+    su = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(T, beta_start=0.02 / T, beta_end=0.02))
+    assert torch.allclose(su.betas, 0.02 * torch.arange(1, T + 1, dtype=torch.float64) / T, rtol=1e-12, atol=0)
+    log_ab_T = su.alphas_cumprod[-1].log().item()
+    assert abs(log_ab_T - T * closed) <= -math.log(0.98), (log_ab_T, T * closed)
+    assert abs(log_ab_T - T * -1.0) > 900  # the printed -1 would make alpha-bar_T = e^-1000
+    # so [Su]'s alpha-bar_T (the square root of DDPM's) is about e^{T/2 * -0.01007} = e^-5.03, not e^-500; the DDPM
+    # schedule (beta from 1e-4) gives sqrt(alpha-bar_T) = sqrt(4.04e-5) = e^-5.06
     assert math.log(diff.alphas_cumprod[-1].sqrt().item()) == pytest.approx(-5.06, abs=0.01)
