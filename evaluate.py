@@ -8,7 +8,7 @@ PUBLISHED (INCEPTION) FIDs; compare them only with each other, made with the sam
 
 FID is biased at finite N: for two N-sets from one distribution with d-dim features it is ~(d^2 / 2N) x the mean
 feature variance, not 0 (tests/test_evaluate.py derives the exact second-order term); KID is unbiased. So the
-CLI also prints a floor: real training images vs the test set, with the same N as the samples.
+CLI also prints a floor: held-out images of the validation split vs the test set, with the same N as the samples.
 
     python evaluate.py --train_classifier    # both classifiers, ~5 min each on one CPU core, ~91% test accuracy
     python evaluate.py --samples out/samples.npz --n 10000
@@ -17,10 +17,10 @@ CLI also prints a floor: real training images vs the test set, with the same N a
 
 When a sample file holds both the VAE's x_hat_0 ("vae") and its refinement ("x0"), the CLI also prints how often
 a second classifier, the judge, puts the two in the same class: does the refiner keep the garment the VAE drew?
-The judge is trained on sharp and blurred images (blur_augment), so that it can name the class of a blurry x_hat_0
-at all; FID/KID keep the features of the one trained on sharp images, which tell blur from detail. Even so, a test
-image and the default VAE's reconstruction of it get the same class only ~86% of the time, nearly all the rest
-being coat/pullover/shirt/T-shirt, which blur makes alike (RESULTS.md, "The metric").
+That is agreement, not quality: a refiner that returns x_hat_0 unchanged scores 100%, so it is always read beside
+FID. The judge is another network (width 48, seed 1) trained on the other half of the training split, on sharp
+and blurred images (blur_augment), so that it can name the class of a blurry x_hat_0 at all; FID/KID keep the
+features of the one trained on sharp images, which tell blur from detail.
 
 Images: the classifier reads [-1, 1]; sample files hold [0, 1] and are converted here, in load_samples.
 """
@@ -39,10 +39,13 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, save_atomic
 
 SAMPLE_KEYS = ("x0", "vae")  # sample.py: the DiffuseVAE / DDPM output, and the VAE's own x_hat_0
-# Two classifiers, one architecture: FID/KID features from one trained on sharp images (its features tell blur from
-# detail, as a sample-quality metric must), class agreement from one also trained on blurred images (it can name
-# the class of a blurry x_hat_0).
-FEATURES, JUDGE, JUDGE_BLUR = "runs/classifier.pt", "runs/classifier_blur.pt", 0.5
+# Two classifiers trained independently, neither on the validation split (data.py) nor on the test set: the
+# features of FID/KID (width 32, seed 0, the first half of the training split, sharp images: its features tell blur
+# from detail, as a sample-quality metric must) and the judge of class agreement (width 48, seed 1, the second
+# half, half of each batch blurred, so that it can name the class of a blurry x_hat_0). The judge's features are
+# the second, independent feature space in which sweep.py also scores FID and KID.
+FEATURES, JUDGE = "runs/classifier.pt", "runs/classifier_judge.pt"
+ROLES = {FEATURES: dict(width=32, seed=0, half=0, blur=0.0), JUDGE: dict(width=48, seed=1, half=1, blur=0.5)}
 
 
 class SamplesError(ValueError):
@@ -134,20 +137,28 @@ def accuracy(model, x, y, batch_size=500):
 
 
 def _load_real(split, data_dir=None):
-    """Fashion-MNIST `split` as float32 (N, 1, 32, 32) in [-1, 1] and int64 labels (N,)."""
+    """Fashion-MNIST `split` ("train", "val" or "test", data.py) as float32 (N, 1, 32, 32) in [-1, 1] and labels (N,)."""
     from data import load_dataset, to_model_range  # lazy: the metric functions need no dataset
     images, labels = load_dataset("fashion_mnist", data_dir=data_dir, split=split)
     return to_model_range(images), labels
 
 
-def train_classifier(data_dir=None, steps=1200, batch_size=128, lr=2e-3, seed=0, device="cpu", blur=0.0):
-    """Train FeatureNet on the Fashion-MNIST train split; returns (model, test accuracy).
-    AdamW, linear warm-up then cosine decay; 1200 steps of 128 are 2.6 epochs; flips, shifts, and with blur > 0
-    blur_augment of that fraction of each batch (the judge of class agreement)."""
+def training_half(half, data_dir=None):
+    """The first (half 0) or second (half 1) half of the training split: the two classifiers' disjoint data."""
+    x, y = _load_real("train", data_dir)
+    part = slice(None, len(x) // 2) if half == 0 else slice(len(x) // 2, None)
+    return x[part], y[part]
+
+
+def train_classifier(data_dir=None, steps=1200, batch_size=128, lr=2e-3, seed=0, device="cpu", blur=0.0, width=32,
+                     half=0):
+    """Train FeatureNet(width) on one half (0: first, 1: second) of the training split; returns (model, test accuracy).
+    AdamW, linear warm-up then cosine decay; 1200 steps of 128 are 5.6 epochs of a half; flips, shifts, and with
+    blur > 0 blur_augment of that fraction of each batch (the judge of class agreement)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x, y = _load_real("train", data_dir)
-    model = FeatureNet().to(device)
+    x, y = training_half(half, data_dir)
+    model = FeatureNet(width=width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     warmup = steps // 20
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -181,14 +192,15 @@ def load_classifier(path, device="cpu"):
     return model.eval(), ckpt["test_accuracy"]
 
 
-def load_or_train_classifier(path=FEATURES, data_dir=None, device="cpu", retrain=False, blur=0.0):
-    """The cached classifier at `path`, trained and saved first if absent (or if retrain); blur: see train_classifier
-    (JUDGE_BLUR for the judge of class agreement)."""
+def load_or_train_classifier(path=FEATURES, data_dir=None, device="cpu", retrain=False, role=None):
+    """The cached classifier at `path`, trained and saved first if absent (or if retrain) with the settings of its
+    `role` (FEATURES or JUDGE in ROLES; default: the role whose path this is, else the features' settings)."""
     if os.path.exists(path) and not retrain:
         return load_classifier(path, device)
+    spec = dict(ROLES.get(role or path, ROLES[FEATURES]))
     t0 = time.time()
-    model, acc = train_classifier(data_dir=data_dir, device=device, blur=blur)
-    save_classifier(model, acc, path, blur=blur)
+    model, acc = train_classifier(data_dir=data_dir, device=device, **spec)
+    save_classifier(model, acc, path, blur=spec["blur"])
     print(f"trained the classifier in {time.time() - t0:.0f} s, test accuracy {acc:.2%}; saved {path}")
     return model.eval(), acc
 
@@ -197,17 +209,18 @@ def load_or_train_classifier(path=FEATURES, data_dir=None, device="cpu", retrain
 
 @torch.inference_mode()
 def extract_features(model, x, batch_size=500):
-    """Penultimate features (N, D) float32 of images x (N, 1, 32, 32) in [-1, 1]."""
+    """Penultimate features (N, D) float32 of images x (N, 1, 32, 32), clamped to the data range [-1, 1] first: every
+    image set is scored as sample.py saves it, whether a model's output stays in range (a VAE's need not) or not."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model.features(x[i:i + batch_size].to(device)).float().cpu()
+    return torch.cat([model.features(x[i:i + batch_size].to(device).clamp(-1, 1)).float().cpu()
                       for i in range(0, len(x), batch_size)])
 
 
 def feature_stats(feats):
     """Mean (D,) and covariance (D, D), ddof=1, in float64: the Gaussian that FID fits to a feature set."""
     f = np.asarray(feats, dtype=np.float64)
-    return f.mean(axis=0), np.cov(f, rowvar=False, ddof=1)
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False, ddof=1))  # (1, 1) for one feature
 
 
 def _psd_eigvalsh(a, vectors=False):
@@ -307,10 +320,11 @@ def _report(name, feats, ref):
 
 @torch.inference_mode()
 def predict(model, x, batch_size=500):
-    """Predicted classes (N,) int64: argmax of the classifier's logits on images x (N, 1, 32, 32) in [-1, 1]."""
+    """Predicted classes (N,) int64: argmax of the classifier's logits on images x (N, 1, 32, 32) clamped to [-1, 1]."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i:i + batch_size].to(device).clamp(-1, 1)).argmax(1).cpu()
+                      for i in range(0, len(x), batch_size)])
 
 
 def class_agreement(model, a, b, batch_size=500):
@@ -328,7 +342,8 @@ def class_agreement(model, a, b, batch_size=500):
 
 def evaluate(model, samples, data_dir=None, judge=None):
     """Print FID and KID of each image set in `samples` ({name: (N, 1, 32, 32) in [-1, 1]}) vs the Fashion-MNIST
-    test set, then of the first N real training images vs the test set: the floor (same N: FID's bias depends on N).
+    test set, then of the first N images of the validation split vs the test set: the floor (held out of every model
+    and classifier; same N: FID's bias depends on N).
     If `samples` holds both "vae" (x_hat_0) and "x0" (its refinement), also print their class agreement by `judge`
     (default: model).
 
@@ -339,7 +354,7 @@ def evaluate(model, samples, data_dir=None, judge=None):
           "NOT comparable to published (Inception) FIDs. KID: mean ± std over 100 subsets of 1000.")
     scores = {name: _report(f"samples '{name}'", extract_features(model, x), ref) for name, x in samples.items()}
     n = len(next(iter(samples.values())))
-    floor = _report(f"floor: real train[:{n}]", extract_features(model, _load_real("train", data_dir)[0][:n]), ref)
+    floor = _report(f"floor: held-out val[:{n}]", extract_features(model, _load_real("val", data_dir)[0][:n]), ref)
     agreement = None
     if "vae" in samples and "x0" in samples:
         p, se = class_agreement(model if judge is None else judge, samples["vae"], samples["x0"])
@@ -371,21 +386,24 @@ def load_vae(path):
 
 
 def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0):
-    """The bound of diffusevae.bound_bpd on the first n Fashion-MNIST test images: mean and standard error."""
+    """The bound of diffusevae.bound_bpd on the first n Fashion-MNIST test images: mean and standard error. A refiner
+    trained on the timesteps 0..t_start is bounded as sample.py runs it, started at its default start."""
     from diffusevae import bound_bpd
-    from sample import load_models
+    from sample import load_models, parse_args as sample_options, start_of
     net, vae, diffusion, cfg = load_models(ckpt, torch.device(device))
+    t_start = start_of(sample_options([]), cfg, vae is not None, diffusion)  # None: the whole chain
     x = _load_real("test", data_dir)[0][:n]
     torch.manual_seed(seed)
     parts = {"total": [], "ddpm": [], "kl_z": []}
     for i in range(0, len(x), batch_size):
         out = bound_bpd(net, diffusion, x[i:i + batch_size].to(device), vae=vae, form=cfg["form"], progress=True,
-                        param=cfg.get("param", "eps"), border=cfg.get("border", 0))
+                        param=cfg["param"], border=cfg["border"], t_start=t_start)
         for k in parts:
             parts[k].append(out[k].double().cpu())
     parts = {k: torch.cat(v) for k, v in parts.items()}
     se = parts["total"].std().item() / math.sqrt(len(x))
-    print(f"{ckpt}: -log p(x_0) <= {parts['total'].mean():.3f} ± {se:.3f} bits/dim on {len(x)} test images "
+    chain = "the whole chain" if t_start is None else f"the chain from code t {t_start}"
+    print(f"{ckpt} ({chain}): -log p(x_0) <= {parts['total'].mean():.3f} ± {se:.3f} bits/dim on {len(x)} test images "
           f"(DDPM given x_hat_0 {parts['ddpm'].mean():.3f}, KL of z {parts['kl_z'].mean():.3f}; sigma_t^2 = beta-tilde_t)")
     return parts
 
@@ -417,7 +435,7 @@ def main(argv=None):
         from data import DataError
         try:
             likelihood(args.bpd, n=args.n or 100, data_dir=args.data_dir)
-        except (DataError, CheckpointError) as e:
+        except (DataError, CheckpointError, ValueError) as e:
             raise SystemExit(f"error: {e}")
         if not (args.samples or args.train_classifier):
             return
@@ -430,7 +448,7 @@ def main(argv=None):
         judge = None
         if args.train_classifier or args.recon or (samples and "vae" in samples and "x0" in samples):
             judge, acc = load_or_train_classifier(args.judge, args.data_dir, retrain=args.train_classifier,
-                                                  blur=JUDGE_BLUR)
+                                                  role=JUDGE)
             print(f"judge {args.judge} (blurred images too): Fashion-MNIST test accuracy {acc:.2%}")
         if samples:
             evaluate(model, samples, args.data_dir, judge)

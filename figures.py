@@ -27,7 +27,7 @@ import ddpm
 import diffusevae as DV
 from checkpoint import load
 from data import load_dataset, to_model_range, to_unit_range
-from vae import VAE
+from vae import VAE, sample_prior
 
 matplotlib.use("Agg")  # files only, no display
 OUT = "figures"
@@ -95,8 +95,17 @@ def forward():
     save(fig, "forward_form1_vs_form2.png")
 
 
+def step_counts(diffusion, cfg):
+    """The STEP_COUNTS a checkpoint's refiner can take from its default start (diffusevae.sample_start): a DDIM run
+    from t_start visits distinct timesteps in 0..t_start, so at most t_start + 1 of them (T for the full chain)."""
+    start = DV.sample_start(cfg)
+    most = diffusion.T if start is None else min(int(start) + 1, diffusion.T)
+    return [n for n in STEP_COUNTS if n <= most]
+
+
 def steps(ckpt, clip=True):
-    """The same 8 z's: x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps."""
+    """The same 8 z's from the VAE's prior (the ex-post mixture when the checkpoint has one, as sample.py draws them):
+    x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps, those the refiner's start allows."""
     if not os.path.exists(ckpt):
         print(f"skipping samples_vs_steps.png: no {ckpt} (train one: python train.py --stage ddpm)")
         return
@@ -106,12 +115,16 @@ def steps(ckpt, clip=True):
     if vae is None:
         print(f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline (no x_hat_0 to show)")
         return
+    counts = step_counts(diffusion, cfg)
+    if len(counts) < len(STEP_COUNTS):
+        print(f"samples_vs_steps: {ckpt} starts its refiner at t = {DV.sample_start(cfg)}, so at most "
+              f"{max(counts)} steps; leaving out {[n for n in STEP_COUNTS if n not in counts]}")
     g = torch.Generator(device=device).manual_seed(0)
-    z = torch.randn(8, vae.z_dim, generator=g, device=device)
+    z = sample_prior(8, vae.z_dim, vae.prior, generator=g, device=device)
     size, img_ch = image_size(net, cfg), net.config["img_ch"]
     noise = torch.randn(8, img_ch, size, size, generator=g, device=device)  # the same x_T noise for every row
     rows, labels, start = [], [], time.time()
-    for n in STEP_COUNTS:
+    for n in counts:
         args = sample_options(["--steps", str(n)] + ([] if clip else ["--no_clip"]))  # DDIM, eta 0
         x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=8, args=args, x_T_noise=noise)
         rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
@@ -125,9 +138,9 @@ def steps(ckpt, clip=True):
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(f"{ckpt} (form {cfg['form']}): the same z and x_T noise in every row; DDIM eta = 0, "
                  f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; "
-                 f"{sum(STEP_COUNTS)} denoiser calls in {seconds:.1f} s", fontsize=8)
+                 f"{sum(counts)} denoiser calls in {seconds:.1f} s", fontsize=8)
     save(fig, "samples_vs_steps.png" if clip else "samples_vs_steps_noclip.png")
-    print(f"samples_vs_steps: {sum(STEP_COUNTS)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}")
+    print(f"samples_vs_steps: {sum(counts)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}")
 
 
 def guidance_points(results):

@@ -1,7 +1,7 @@
 """Sample from a trained DiffuseVAE: z ~ p(z) -> decoder -> x_hat_0 -> DDPM refinement in --steps steps.
 
     python sample.py --steps 10                          # VAE samples beside their refinements (DDIM)
-    python sample.py --steps 1000 --sampler ddpm         # ancestral sampling, DDPM Algorithm 2
+    python sample.py --steps 111 --sampler ddpm          # ancestral sampling (DDPM Algorithm 2) on every trained t
     python sample.py --mode recon                        # test images, their VAE reconstructions, refined
     python sample.py --mode interp                       # a path in z, the DDPM noise held fixed
     python sample.py --mode arith --attr 5 --base 9      # z + (mean z of class 5 - mean z of class 9)
@@ -24,7 +24,7 @@ import runtime
 from checkpoint import CheckpointError, load
 from data import FASHION_CLASSES, DataError, load_dataset, save_grid, to_model_range, to_unit_range
 from unet import UNet
-from vae import VAE, sample_prior
+from vae import VAE, reparameterize, sample_prior
 
 
 def parse_args(argv=None):
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--paths", type=int, default=1, help="--mode interp/arith: how many paths in z (1..256)")
     p.add_argument("--classifier", default="runs/classifier.pt",
                    help="--mode degrade: evaluate.py's classifier (its features give FID)")
-    p.add_argument("--judge", default="runs/classifier_blur.pt",
+    p.add_argument("--judge", default="runs/classifier_judge.pt",
                    help="--mode control: evaluate.py's judge of class agreement (trained with blurred images too)")
     p.add_argument("--data_dir", default=None, help="dataset location for --mode recon/arith/degrade")
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
@@ -132,7 +132,7 @@ def generate(net, vae, diffusion, cfg, z=None, x_hat0=None, n=None, args=None, g
                    temperature=args.noise_temperature, shape=(n, net.config["img_ch"], size, size),
                    generator=generator, var_type=args.var_type, x_T_noise=x_T_noise,
                    clip_x0=not args.no_clip, spacing=args.spacing, raw_eps=args.raw_eps,
-                   t_start=start_of(args, cfg, x_hat0, diffusion), param=cfg.get("param", "eps"),
+                   t_start=start_of(args, cfg, x_hat0 is not None, diffusion), param=cfg.get("param", "eps"),
                    guidance=guidance_of(args, cfg, x_hat0), z=z if net.config.get("z_dim") else None,
                    border=cfg.get("border", 0))
     return x_hat0, x0.clamp(-1, 1)
@@ -151,13 +151,24 @@ def guidance_of(args, cfg, x_hat0):
     return 0.0 if x_hat0 is None else w
 
 
-def start_of(args, cfg, x_hat0, diffusion):
+def start_of(args, cfg, conditional, diffusion):
     """The refiner's t_start: --t_start, else the checkpoint's (diffusevae.sample_start); None (the full chain from
-    noise) for 'full', for the unconditional model, and for checkpoints from before t_start existed."""
+    noise) for 'full' and for the unconditional model (conditional False: no x_hat_0). Every sampler of a checkpoint gets its start here, so this is
+    where a start outside the timesteps the denoiser was trained on (train.py --t_start) is refused."""
     t_start = DV.sample_start(cfg) if args.t_start is None else args.t_start
-    if t_start in (None, "full") or x_hat0 is None or t_start >= diffusion.T - 1:
+    trained = cfg["t_start"]
+    if conditional and trained != "full" and (t_start in (None, "full") or t_start > trained):
+        raise ValueError(f"--t_start {t_start}: this refiner was trained on the code timesteps 0..{trained} only; "
+                         f"start it at {trained} or below (or train one with --t_start full)")
+    if t_start in (None, "full") or not conditional or t_start >= diffusion.T - 1:
         return None
     return t_start
+
+
+def reconstruct(vae, x, generator):
+    """dec(z), z ~ q(z|x): the VAE's reconstruction of images x as the refiner saw them in training (train.py)."""
+    mu, logvar = vae.encode(x)
+    return vae.decode(reparameterize(mu, logvar, ddpm.randn_like(mu, generator)))
 
 
 def class_mean_z(vae, cfg, args, device, label):
@@ -177,10 +188,6 @@ def main(argv=None):
         net, vae, diffusion, cfg = load_models(args.ckpt, device, runtime.AUTO_ON_OFF[args.channels_last])
         if args.steps > diffusion.T:
             raise ValueError(f"--steps {args.steps} is more than the T = {diffusion.T} steps the model was trained with")
-        trained = cfg.get("t_start", "full")
-        if trained != "full" and args.t_start is not None and (args.t_start == "full" or args.t_start > trained):
-            raise ValueError(f"--t_start {args.t_start}: the refiner in {args.ckpt} was trained on the timesteps "
-                             f"0..{trained} only; start it at {trained} or below (or train one with --t_start full)")
         if (args.guidance or 0) > 0 and not cfg.get("cond_drop", 0) > 0:
             raise ValueError(f"--guidance needs a model trained with --cond_drop > 0 (it learns eps without x_hat_0 "
                              f"too); {args.ckpt} was trained without")
@@ -227,7 +234,7 @@ def run_mode(args, net, vae, diffusion, cfg, device):
     if args.mode == "recon":
         images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=size)
         x = to_model_range(images[: args.n]).to(device)
-        x_hat0 = vae.decode(vae.encode(x)[0])  # the posterior mean's decoding
+        x_hat0 = reconstruct(vae, x, g)
         _, x0 = generate(net, vae, diffusion, cfg, x_hat0=x_hat0, n=len(x), args=args, generator=g)
         return [x, x_hat0, x0], {"data": x, "vae": x_hat0, "x0": x0}
     if args.mode == "interp":  # --paths straight paths z0 -> z1 of --n points, the DDPM noise fixed along each
@@ -337,7 +344,7 @@ def degrade_table(args, net, vae, diffusion, cfg, device, g):
     images, _ = load_dataset(cfg["dataset"], args.data_dir, split="test", image_size=image_size(net, cfg))
     x = to_model_range(images[: args.n]).to(device)
     ref = E.extract_features(classifier, to_model_range(images).to(device))
-    inputs = {"vae recon": vae.decode(vae.encode(x)[0])}
+    inputs = {"vae recon": reconstruct(vae, x, g)}
     inputs.update({name: f(x, generator=g) for name, f in D.DEGRADATIONS.items()})
     lines = [f"| input (N = {len(x)}) | FID in | FID refined | PSNR in (dB) | PSNR refined (dB) |", "|---|---|---|---|---|"]
     rows, arrays = [x[:8]], {"data": x}

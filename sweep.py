@@ -2,18 +2,22 @@
 
     python sweep.py --models form2=runs/fashion/ddpm.pt form1=runs/form1/ddpm.pt uncond=runs/uncond/ddpm.pt \
                     --steps 10 25 100 --samplers ddim ddpm --n 1000
-    python sweep.py --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 100 300 full --seeds 0 1 2 \
-                    --extra "--var_type fixedsmall"
+    python sweep.py --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 50 80 default --seeds 0 1 2 \
+                    --extra "--sampler ddpm --var_type fixedsmall" --split val
 
 For each model, sampler, step count, t_start and seed it draws N samples (the same z and seeds for every model),
-scores them against the Fashion-MNIST test set (FID, KID, and the classifier's agreement between x_hat_0 and its
-refinement), and adds a row to OUT/results.json (kept between runs: finished cells are not recomputed). The table
-gives the mean ± sd over the seeds. --extra passes further sample.py flags to every cell. z comes from the VAE's ex-post prior (--prior normal: N(0, I)). The VAE alone (x_hat_0 of the first
-model with a VAE, and its decodings of z ~ N(0, I) for comparison) and real training images (the floor) are
-scored once. Then it writes OUT/table.md and OUT/fid_vs_steps.png. These FIDs are NOT comparable to published
-Inception FIDs (see evaluate.py).
+scores them against a held-out Fashion-MNIST split (--split val to choose a default, test to report it) in two
+feature spaces, evaluate.py's features and its independently trained judge (FID, KID; and the judge's agreement
+between x_hat_0 and its refinement), and adds a row to OUT/results.json (kept between runs: a cell measured with
+the same models, flags, prior, split and classifiers is not recomputed). The table gives the mean ± sd over the
+seeds. --extra passes further sample.py flags to every cell. z comes from the VAE's ex-post prior (--prior normal:
+N(0, I)). The VAE alone (x_hat_0 of the first model with a VAE, and its decodings of z ~ N(0, I) for comparison) and
+real held-out images of the other split (the floor) are scored once. Every image set is scored clamped to [-1, 1]
+(evaluate.extract_features), as sample.py saves it. Then it writes OUT/table.md and OUT/fid_vs_steps.png. These
+FIDs are NOT comparable to published Inception FIDs (see evaluate.py).
 """
 import argparse
+import hashlib
 import itertools
 import json
 import os
@@ -23,7 +27,7 @@ import torch
 
 import evaluate as E
 from ddpm import SPACINGS
-from sample import generate, load_models, parse_args as sample_options
+from sample import generate, load_models, parse_args as sample_options, start_of
 from vae import sample_prior
 
 
@@ -42,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--classifier", default=E.FEATURES, help="FID/KID features (evaluate.py)")
     p.add_argument("--judge", default=E.JUDGE, help="the classifier of class agreement (evaluate.py)")
+    p.add_argument("--split", default="test", choices=["val", "test"],
+                   help="the reference images: val to choose a default, test to report one (data.py)")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--out", default="runs/sweep")
     args = p.parse_args(argv)
@@ -77,26 +83,49 @@ def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost"
     return torch.cat(outs), (torch.cat(vae_outs) if vae is not None else None)
 
 
-def score(classifier, x, ref, x_hat0=None, judge=None):
-    """FID, KID and (given x_hat_0 and the judge) the fraction of refinements the judge puts in x_hat_0's class."""
-    feats = E.extract_features(classifier, x)
-    fid = E.fid_from_features(feats, ref)
-    kid_mean, kid_std = E.kid(feats, ref, subset_size=min(1000, len(feats)))
-    row = dict(fid=fid, kid=kid_mean, kid_std=kid_std)
+def score(spaces, x, x_hat0=None, judge=None):
+    """FID and KID of images x in each feature space {suffix: (classifier, reference features)} (suffix "" for
+    evaluate.py's features, "_judge" for the judge's), and, given x_hat_0 and the judge, the fraction of refinements
+    the judge puts in x_hat_0's class."""
+    row = {}
+    for suffix, (classifier, ref) in spaces.items():
+        feats = E.extract_features(classifier, x)
+        kid_mean, kid_std = E.kid(feats, ref, subset_size=min(1000, len(feats)))
+        row.update({f"fid{suffix}": E.fid_from_features(feats, ref), f"kid{suffix}": kid_mean,
+                    f"kid_std{suffix}": kid_std})
     if x_hat0 is not None:
         row["agree"] = E.class_agreement(judge, x_hat0, x)[0]
     return row
 
 
+def file_hash(path):
+    """The first 16 hex digits of a file's SHA-1: a cell is tied to the exact checkpoint and classifiers it used."""
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:16]
+
+
 def key_of(row):
     """What a row measured: finished cells with the same key are not recomputed."""
-    return (row["model"], row["sampler"], row["steps"], row["n"], spacing_of(row), str(row.get("t_start", "default")),
-            row.get("extra", ""), row.get("seed", 0))
+    return tuple(str(row.get(k, "")) for k in ("model", "ckpt", "sampler", "steps", "n", "spacing", "t_start", "extra",
+                                                 "seed", "prior", "split", "classifiers"))
+
+
+def check_starts(models, t_starts):
+    """Every model can be started at every --t_start: the refusal of sample.start_of, before anything is sampled."""
+    for name, ckpt in models.items():
+        net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
+        for t in t_starts:
+            opts = sample_options([] if t == "default" else ["--t_start", t])
+            try:
+                start_of(opts, cfg, vae is not None, diffusion)
+            except ValueError as e:
+                raise SystemExit(f"error: --models {name}={ckpt}: {e}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_grad_enabled(False)
+    check_starts(args.models, args.t_start)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else []
@@ -110,42 +139,43 @@ def main(argv=None):
         os.replace(path + ".tmp", path)  # a crash never loses finished cells
         print(json.dumps(row), flush=True)
 
-    def fixed(name, seed):
-        return dict(model=name, sampler="-", steps=0, n=args.n, spacing="-", seed=seed)
+    classifier, acc = E.load_or_train_classifier(args.classifier, args.data_dir, role=E.FEATURES)
+    judge = E.load_or_train_classifier(args.judge, args.data_dir, role=E.JUDGE)[0]
+    real = E._load_real(args.split, args.data_dir)[0]
+    spaces = {"": (classifier, E.extract_features(classifier, real)), "_judge": (judge, E.extract_features(judge, real))}
+    common = dict(n=args.n, prior=args.prior, split=args.split,
+                  classifiers=f"{file_hash(args.classifier)}/{file_hash(args.judge)}")
 
-    classifier, acc = E.load_or_train_classifier(args.classifier, args.data_dir)
-    judge = E.load_or_train_classifier(args.judge, args.data_dir, blur=E.JUDGE_BLUR)[0]
-    ref = E.extract_features(classifier, E._load_real("test", args.data_dir)[0])
-    if key_of(fixed("data", 0)) not in done:
-        real = E._load_real("train", args.data_dir)[0][: args.n]
-        record(dict(fixed("data", 0), seconds=0.0, **score(classifier, real, ref)))
+    def fixed(name, seed, ckpt=""):
+        return dict(common, model=name, ckpt=ckpt, sampler="-", steps=0, spacing="-", seed=seed)
+
+    if key_of(fixed("data", 0)) not in done:  # the floor: held-out images of the other split
+        floor = E._load_real("test" if args.split == "val" else "val", args.data_dir)[0][: args.n]
+        record(dict(fixed("data", 0), seconds=0.0, **score(spaces, floor)))
+    vae_ckpt = None
     for name, ckpt in args.models.items():
         net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
+        vae_ckpt = vae_ckpt or (file_hash(ckpt) if vae is not None else None)
         for sampler, steps, t_start, seed in itertools.product(args.samplers, args.steps, args.t_start, args.seeds):
-            cell = dict(model=name, sampler=sampler, steps=steps, n=args.n, spacing=args.spacing, t_start=t_start,
-                        extra=args.extra, seed=seed)
+            cell = dict(common, model=name, ckpt=file_hash(ckpt), sampler=sampler, steps=steps, spacing=args.spacing,
+                        t_start=t_start, extra=args.extra, seed=seed)
             if key_of(cell) in done or (vae is None and t_start not in ("default", "full")):
                 continue  # the unconditional model has no x_hat_0 to start from
             t0 = time.time()
             x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior,
                               args.spacing, t_start, seed, args.extra)
-            record(dict(cell, seconds=round(time.time() - t0, 1), **score(classifier, x0, ref, x_hat0, judge)))
-            if vae is not None and key_of(fixed("vae", seed)) not in done:
-                record(dict(fixed("vae", seed), seconds=0.0, **score(classifier, x_hat0, ref)))
-            if vae is not None and vae.prior is not None and key_of(fixed("vae_normal", seed)) not in done:
+            record(dict(cell, seconds=round(time.time() - t0, 1), **score(spaces, x0, x_hat0, judge)))
+            if vae is not None and key_of(fixed("vae", seed, vae_ckpt)) not in done:
+                record(dict(fixed("vae", seed, vae_ckpt), seconds=0.0, **score(spaces, x_hat0)))
+            if vae is not None and vae.prior is not None and key_of(fixed("vae_normal", seed, vae_ckpt)) not in done:
                 x_hat0 = torch.cat([vae.decode(z) for z in torch.randn(args.n, vae.z_dim,  # the prior it replaces
                                     generator=torch.Generator().manual_seed(1000 + seed)).split(args.batch_size)])
-                record(dict(fixed("vae_normal", seed), seconds=0.0, **score(classifier, x_hat0, ref)))
-    write_table_and_plot(results, args, acc)
-
-
-def spacing_of(row):
-    """A row's timestep spacing: "-" for the rows that sample no chain; rows written before --spacing were uniform."""
-    return row.get("spacing", "-" if row["model"] in FIXED_ROWS else "uniform")
+                record(dict(fixed("vae_normal", seed, vae_ckpt), seconds=0.0, **score(spaces, x_hat0)))
+    write_table_and_plot(results, args, acc, common)
 
 
 FIXED_ROWS = {"vae": ("VAE alone", "--"), "vae_normal": ("VAE alone, z ~ N(0, I)", "-."),
-              "data": ("data alone (floor)", ":")}
+              "data": ("held-out data (floor)", ":")}
 
 
 def mean_sd(values):
@@ -154,43 +184,45 @@ def mean_sd(values):
     return f"{t.mean():.1f}" if len(t) == 1 else f"{t.mean():.1f} ± {t.std():.1f}"
 
 
-def write_table_and_plot(results, args, acc):
+def write_table_and_plot(results, args, acc, common):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     seeds = set(args.seeds)
-    rows = [r for r in results if r["n"] == args.n and spacing_of(r) in (args.spacing, "-")
-            and r.get("seed", 0) in seeds and r.get("extra", "") in (args.extra, "") ]
-    lines = [f"FID / KID in the feature space of our own Fashion-MNIST classifier (test accuracy {acc:.2%}), "
-             f"{args.n} samples vs the 10,000 test images, {args.spacing} timestep spacing, seeds {sorted(seeds)} "
-             f"(mean ± sd), sample.py flags: {args.extra or 'none'}. Each cell: FID [class agreement x_hat_0 vs "
-             f"refinement, by the judge] (seconds per seed). NOT comparable to published Inception FIDs.", "",
+    rows = [r for r in results if all(r.get(k) == v for k, v in common.items())
+            and r["spacing"] in (args.spacing, "-") and r["seed"] in seeds and r.get("extra", "") in (args.extra, "")]
+    lines = [f"FID in two feature spaces: evaluate.py's classifier (test accuracy {acc:.2%}) / its independent judge, "
+             f"{args.n} samples vs the {args.split} split, {args.spacing} timestep spacing, z from the {args.prior} "
+             f"prior, seeds {sorted(seeds)} (mean ± sd), sample.py flags: {args.extra or 'none'}. Each cell: "
+             f"FID / FID (judge) [class agreement x_hat_0 vs refinement, by the judge] (seconds per seed); KID in "
+             f"results.json. NOT comparable to published Inception FIDs.", "",
              "| model | sampler | t_start | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
              "|---|---|---|" + "---|" * len(args.steps)]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, sampler, t_start in itertools.product(args.models, args.samplers, args.t_start):
         cells = {}
         for r in rows:
-            if (r["model"], r["sampler"], str(r.get("t_start", "default")), r.get("extra", "")) == \
-                    (name, sampler, t_start, args.extra):
+            if (r["model"], r["sampler"], r.get("t_start"), r.get("extra")) == (name, sampler, t_start, args.extra):
                 cells.setdefault(r["steps"], []).append(r)
         if not cells:
             continue
 
         def cell(rs):
             agree = f" [{100 * sum(r['agree'] for r in rs) / len(rs):.1f}%]" if "agree" in rs[0] else ""
-            return f"{mean_sd([r['fid'] for r in rs])}{agree} ({sum(r['seconds'] for r in rs) / len(rs):.0f} s)"
+            return (f"{mean_sd([r['fid'] for r in rs])} / {mean_sd([r['fid_judge'] for r in rs])}{agree} "
+                    f"({sum(r['seconds'] for r in rs) / len(rs):.0f} s)")
         lines.append(f"| {name} | {sampler} | {t_start} | " + " | ".join(
             cell(cells[s]) if s in cells else "-" for s in args.steps) + " |")
         pts = sorted((s, sum(r["fid"] for r in cells[s]) / len(cells[s])) for s in args.steps if s in cells)
         ax.plot(*zip(*pts), marker="o", label=f"{name} {sampler} t_start={t_start}")
     for name, (label, style) in FIXED_ROWS.items():
-        fids = [r["fid"] for r in rows if r["model"] == name]
-        if fids:
-            lines.append(f"| {label} | - | - | " + " | ".join(mean_sd(fids) for _ in args.steps) + " |")
-            ax.axhline(sum(fids) / len(fids), linestyle=style, color="gray", label=label)
+        rs = [r for r in rows if r["model"] == name]
+        if rs:
+            both = f"{mean_sd([r['fid'] for r in rs])} / {mean_sd([r['fid_judge'] for r in rs])}"
+            lines.append(f"| {label} | - | - | " + " | ".join(both for _ in args.steps) + " |")
+            ax.axhline(sum(r["fid"] for r in rs) / len(rs), linestyle=style, color="gray", label=label)
     ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlabel("sampling steps"), ax.set_ylabel("FID (own features)")
-    ax.legend(fontsize=7), ax.set_title(f"FID vs steps, N = {args.n}, {args.spacing} spacing")
+    ax.legend(fontsize=7), ax.set_title(f"FID vs steps, N = {args.n}, {args.spacing} spacing, {args.split} split")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "fid_vs_steps.png"), dpi=110)
     with open(os.path.join(args.out, "table.md"), "w") as f:

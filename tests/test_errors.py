@@ -78,8 +78,8 @@ def test_checkpoint_whose_model_does_not_fit_the_dataset(run, data_dir, tmp_path
     (["--steps", "1001"], "more than the T = 1000"),
     (["--steps", "0"], "at least 1"),
     (["--eta", "-0.1"], "--eta must be >= 0"),
-    (["--t_start", "111"], "trained on the timesteps 0..110 only"),  # the cpu preset's range
-    (["--t_start", "full"], "trained on the timesteps 0..110 only"),
+    (["--t_start", "111"], "trained on the code timesteps 0..110 only"),  # the cpu preset's range
+    (["--t_start", "full"], "trained on the code timesteps 0..110 only"),
 ])
 def test_bad_sampling_arguments(run, argv, fragment, capsys):
     fails_with(sample.main, ["--ckpt", os.path.join(run, "ddpm.pt"), *argv], fragment, capsys=capsys)

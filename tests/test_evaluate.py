@@ -1,11 +1,14 @@
 """FID and KID, checked: the Frechet distance against closed forms and an independent float64 reference,
 the finite-N estimators against their derived bias to a few standard errors (SE) over seeds, KID's kernel by
 hand. Then the feature network, its checkpoint and the sample loader. No dataset, no network access."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
 import evaluate as ev
+from test_pipeline import data_dir, trained  # noqa: F401 (fixtures: a tiny trained run)
 
 def random_spd(rng, d):
     """A well-conditioned random SPD matrix: A A^T / d + 0.1 I (eigenvalues in about [0.1, 4.1])."""
@@ -336,42 +339,74 @@ def test_class_agreement_matches_a_hand_count():
         ev.class_agreement(model, a, b[:5])
 
 
-def fake_real(split, data_dir=None):
-    """Stands in for Fashion-MNIST: 64 random images per split (no dataset in the tests)."""
-    gen = torch.Generator().manual_seed(0 if split == "test" else 1)
+def fake_real(split, data_dir=None, seen=None):
+    """Stands in for Fashion-MNIST: 64 random images per split (no dataset in the tests); records the splits read."""
+    if seen is not None:
+        seen.append(split)
+    gen = torch.Generator().manual_seed(("train", "val", "test").index(split))
     return torch.rand(64, 1, 32, 32, generator=gen) * 2 - 1, torch.zeros(64, dtype=torch.int64)
 
 
-def test_cli_prints_fid_kid_and_the_class_agreement(tmp_path, monkeypatch, capsys):
+def test_cli_scores_identical_sets_alike_and_keeps_every_class(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     classifier = str(tmp_path / "classifier.pt")
     ev.save_classifier(ev.FeatureNet(width=8, feature_dim=16), 0.5, classifier)  # tiny: no training run
     x = np.random.default_rng(0).uniform(0, 1, (20, 1, 32, 32)).astype(np.float32)
     path = str(tmp_path / "samples.npz")
-    np.savez(path, vae=x, x0=x)  # a refiner that changes nothing keeps every class
+    np.savez(path, vae=x, x0=x)  # a refiner that changes nothing keeps every class, and the two sets score alike
     monkeypatch.setattr(ev, "_load_real", fake_real)
     ev.main(["--samples", path, "--classifier", classifier, "--judge", classifier, "--n", "16"])
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[:2] for line in lines[-4:-1]] == [["samples", "'x0'"], ["samples", "'vae'"], ["floor:", "real"]]
-    assert lines[-1] == "class agreement x_hat_0 vs refinement: 100.0% ± 0.0% (N=16)"
+    x0, vae, floor, agreement = lines[-4:]
+    assert x0.split("N=")[1] == vae.split("N=")[1] and floor.startswith("floor: held-out val[:16]")
+    assert agreement == "class agreement x_hat_0 vs refinement: 100.0% ± 0.0% (N=16)"
 
 
-def test_evaluate_returns_what_it_prints(monkeypatch, capsys):
-    torch.manual_seed(0)
+def test_evaluate_gives_the_one_dimensional_frechet_distance_and_a_held_out_floor(monkeypatch):
+    # with one feature, FID is (m1 - m2)^2 + (s1 - s2)^2 (means, standard deviations with ddof 1): the Frechet
+    # distance of two 1-D Gaussians; the floor scores the validation split, which no classifier was trained on
     model, gen = NearestLevel(), torch.Generator().manual_seed(0)
-    model.features = lambda x: x.flatten(1)[:, :8]  # the first 8 pixels as features
+    model.features = lambda x: x[:, 0, 5, :1]  # one pixel as the feature
     samples = {"vae": images_of_class([0, 1, 2, 3] * 5, gen), "x0": images_of_class([0, 1, 2, 9] * 5, gen)}
-    monkeypatch.setattr(ev, "_load_real", fake_real)
+    seen = []
+    monkeypatch.setattr(ev, "_load_real", lambda split, data_dir=None: fake_real(split, data_dir, seen))
     got = ev.evaluate(model, samples)
-    out = capsys.readouterr().out
-    assert set(got) == {"samples", "floor", "agreement"} and list(got["samples"]) == ["vae", "x0"]
-    for name, line in [("vae", "samples 'vae'"), ("x0", "samples 'x0'")]:
-        s = got["samples"][name]
-        assert s["n"] == 20 and f"{line:<30s} N=20     FID {s['fid']:9.3f}   KID {s['kid']:8.3f} ± {s['kid_std']:.3f}" in out
-    assert f"FID {got['floor']['fid']:9.3f}" in out and got["floor"]["n"] == 20
-    assert got["agreement"] == dict(p=0.75, se=pytest.approx(np.sqrt(0.75 * 0.25 / 20)), n=20)
-    assert "class agreement x_hat_0 vs refinement: 75.0% ± 9.7% (N=20)" in out
+    ref = fake_real("test")[0][:, 0, 5, 0].double().numpy()
+
+    def fid_1d(a):
+        a = a[:, 0, 5, 0].double().numpy()
+        return (a.mean() - ref.mean()) ** 2 + (a.std(ddof=1) - ref.std(ddof=1)) ** 2
+    for name, x in samples.items():
+        assert got["samples"][name]["fid"] == pytest.approx(fid_1d(x), rel=1e-9, abs=1e-12)
+    assert seen == ["test", "val"] and got["floor"]["fid"] == pytest.approx(fid_1d(fake_real("val")[0][:20]), rel=1e-9)
+    assert got["agreement"] == dict(p=0.75, se=pytest.approx(np.sqrt(0.75 * 0.25 / 20)), n=20)  # 15 of 20 kept
     assert ev.evaluate(model, {"x0": samples["x0"]})["agreement"] is None  # one set: nothing to compare
+
+
+def test_every_image_set_is_scored_clamped_to_the_data_range():
+    # a VAE's x_hat_0 can leave [-1, 1] (sample.py saves it clamped): its features and classes are those of the clamp
+    torch.manual_seed(0)
+    model, x = ev.FeatureNet(width=8).eval(), 1.5 * torch.randn(16, 1, 32, 32)
+    assert (x.abs() > 1).float().mean() > 0.3
+    assert torch.equal(ev.extract_features(model, x), ev.extract_features(model, x.clamp(-1, 1)))
+    assert torch.equal(ev.predict(model, x), ev.predict(model, x.clamp(-1, 1)))
+
+
+def test_the_judge_is_another_network_trained_on_other_images(monkeypatch):
+    # the features and the judge share no training image, seed or width; neither sees the validation split
+    seen, read = {}, []
+    monkeypatch.setattr(ev, "train_classifier", lambda **spec: seen.setdefault(spec["half"], spec) and None or
+                        (ev.FeatureNet(width=spec["width"]), 0.5))
+    monkeypatch.setattr(ev, "save_classifier", lambda *a, **k: None)
+    ev.load_or_train_classifier("/nonexistent/features.pt", role=ev.FEATURES)
+    ev.load_or_train_classifier("/nonexistent/judge.pt", role=ev.JUDGE)
+    features, judge = seen[0], seen[1]
+    assert features["seed"] != judge["seed"] and features["width"] != judge["width"] and judge["blur"] > 0
+    x = torch.arange(101)
+    monkeypatch.setattr(ev, "_load_real", lambda split, data_dir=None: read.append(split) or (x, x))
+    halves = [ev.training_half(h)[0] for h in (0, 1)]
+    assert read == ["train", "train"] and set(halves[0].tolist()).isdisjoint(halves[1].tolist())
+    assert sorted(torch.cat(halves).tolist()) == x.tolist()
 
 
 def test_parse_args_dry_parses_and_rejects_a_command_with_nothing_to_do():
@@ -398,3 +433,27 @@ def test_reconstruction_agreement_counts_accuracy_on_both_and_their_agreement():
     y[9] = 0  # one image the classifier gets wrong
     got = ev.reconstruction_agreement(NearestLevel(), MoveClassZero(), x, y, batch_size=4)
     assert got == dict(acc_data=0.9, acc_recon=pytest.approx(0.7), agree=0.8, n=10)
+
+
+def test_the_bound_of_a_truncated_chain_has_the_closed_form_prior_at_its_start():
+    # a chain started at code t_s from N(sqrt(ab) m, (1 - ab) I): its prior term is KL(q(x_ts | x_0) || that) =
+    # ab / (2 (1 - ab)) ||x_0 - m||^2 nats (equal variances), and only the t_s + 1 terms 0..t_s follow it
+    import ddpm
+    diffusion, gen = ddpm.make_diffusion("linear", 1000), torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (3, 1, 4, 4), generator=gen).double() / 127.5 - 1
+    m = x0 + 0.1 * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    ab = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[20]
+    got = diffusion.vlb_terms_bpd(lambda x, t: torch.zeros_like(x), x0, t_start=20, start_mean=m)
+    expected = ab / (2 * (1 - ab)) * (x0 - m).pow(2).flatten(1).sum(1) / (16 * np.log(2))
+    assert got["terms"].shape == (3, 21)
+    assert torch.allclose(got["prior"], expected, rtol=1e-10)
+    assert torch.allclose(got["total"], got["prior"] + got["terms"].sum(1), rtol=1e-12)
+    same = diffusion.vlb_terms_bpd(lambda x, t: torch.zeros_like(x), x0, t_start=20, start_mean=x0)
+    assert same["prior"].abs().max() < 1e-12  # started at the data itself: nothing to pay
+
+
+def test_likelihood_bounds_a_truncated_refiner_from_its_start(trained, monkeypatch, capsys):
+    monkeypatch.setattr(ev, "_load_real", fake_real)
+    parts = ev.likelihood(os.path.join(trained, "ddpm.pt"), n=2, batch_size=2)
+    assert "(the chain from code t 110)" in capsys.readouterr().out  # trained on 0..110, started there
+    assert torch.isfinite(parts["total"]).all() and (parts["total"] > 0).all()

@@ -95,3 +95,57 @@ def test_guidance_points_average_seeds_per_weight_and_skip_other_rows():
     assert figures.guidance_points(rows) == [(0.5, 20.0, 0.7), (1.0, 11.0, pytest.approx(0.85))]
     with pytest.raises(SystemExit):
         figures.parse_args(["--only", "guidance"])
+
+
+# ----------------------------------------------------------------------------- samples_vs_steps
+
+def tiny_refiner_checkpoint(path, t_start, prior):
+    """A stage-2 checkpoint with random weights as train.py lays it out: a 16x16 UNet refiner trained on the code
+    timesteps 0..t_start, and a VAE whose ex-post prior is `prior`."""
+    import torch
+
+    from checkpoint import save_atomic
+    from unet import UNet
+    from vae import VAE
+    torch.manual_seed(0)
+    net = UNet(img_ch=1, cond_ch=1, ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+               image_size=16, norm_groups=8)
+    vae = VAE(img_ch=1, image_size=16, ch=8, z_dim=4)
+    cfg = dict(form=2, param="residual", cond_drop=0.0, sample_guidance=0.0, border=0, t_start=t_start,
+               sample_t_start=None, schedule="linear", T=1000, image_size=16)
+    save_atomic(dict(stage="ddpm", model_args=net.config, config=cfg, model=net.state_dict(), ema=net.state_dict(),
+                     vae=dict(model_args=vae.config, ema=vae.state_dict(), prior=prior)), path)
+    return path
+
+
+def test_steps_draws_z_from_the_ex_post_prior_and_only_the_step_counts_the_start_allows(tmp_path, monkeypatch):
+    import torch
+
+    import sample
+    from vae import sample_prior
+    # a one-component mixture far from N(0, I): mean 50 in every coordinate, spread 0.1
+    prior = dict(weights=torch.ones(1), means=torch.full((1, 4), 50.0), covs=0.01 * torch.eye(4)[None])
+    # a refiner trained on t in 0..20 starts there: a DDIM run visits at most the 21 timesteps 0..20
+    ckpt = tiny_refiner_checkpoint(str(tmp_path / "ddpm.pt"), t_start=20, prior=prior)
+    allowed = [n for n in figures.STEP_COUNTS if n <= 21]
+    assert 0 < len(allowed) < len(figures.STEP_COUNTS)  # the figure's list holds counts this start cannot take
+    calls, generate = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append((k["args"].steps, k["z"])) or generate(*a, **k))
+    monkeypatch.setattr(figures, "OUT", str(tmp_path / "figures"))
+    figures.steps(ckpt)
+    assert [n for n, _ in calls] == allowed
+    z = calls[0][1]
+    assert z.shape == (8, 4) and (z - 50).abs().max() < 1  # near the mixture's mean; N(0, I) draws are near 0
+    # the figure's generator, seeded 0, draws z first: vae.sample_prior's draw from the checkpoint's prior
+    assert torch.equal(z, sample_prior(8, 4, prior, generator=torch.Generator().manual_seed(0)))
+    assert all(torch.equal(zi, z) for _, zi in calls)  # the same z in every row
+    assert (tmp_path / "figures" / "samples_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_refiner_of_the_full_chain_takes_every_step_count():
+    import ddpm
+    diffusion = ddpm.make_diffusion("linear", 1000)
+    for cfg in (dict(t_start="full"), dict(t_start=999)):
+        assert figures.step_counts(diffusion, cfg) == figures.STEP_COUNTS
+    # sample_t_start, where sample.py starts by default, bounds the steps: timesteps 0..4 are 5
+    assert figures.step_counts(diffusion, dict(t_start=110, sample_t_start=4)) == [1, 2, 5]

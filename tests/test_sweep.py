@@ -1,0 +1,54 @@
+"""sweep.py's bookkeeping: a cell is reused only when everything it was measured with is the same, and a model is
+refused a start outside the timesteps it was trained on before anything is sampled."""
+import json
+import os
+
+import pytest
+import torch
+
+import evaluate as E
+import sweep
+from test_evaluate import fake_real
+from test_pipeline import data_dir, trained  # noqa: F401 (fixtures: a tiny trained run)
+
+
+@pytest.fixture
+def classifiers(tmp_path, monkeypatch):
+    """Two tiny classifiers at paths of their own (no training run) and fake Fashion-MNIST splits."""
+    torch.manual_seed(0)
+    paths = [str(tmp_path / n) for n in ("features.pt", "judge.pt")]
+    for p in paths:
+        E.save_classifier(E.FeatureNet(width=8, feature_dim=16), 0.5, p)
+    monkeypatch.setattr(E, "_load_real", fake_real)
+    return ["--classifier", paths[0], "--judge", paths[1]]
+
+
+def cells(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return [r for r in json.load(f) if r["sampler"] != "-"]
+
+
+def test_a_cell_is_measured_again_under_another_prior_or_split(trained, classifiers, tmp_path):
+    out = str(tmp_path / "sweep")
+    common = ["--models", f"m={os.path.join(trained, 'ddpm.pt')}", "--steps", "2", "--samplers", "ddim", "--n", "8",
+              "--batch_size", "8", "--out", out, *classifiers]
+    sweep.main(common)
+    sweep.main(common)  # the same cell: reused
+    assert len(cells(out)) == 1
+    sweep.main(common + ["--prior", "normal"])
+    sweep.main(common + ["--split", "val"])
+    rows = cells(out)
+    assert [(r["prior"], r["split"]) for r in rows] == [("expost", "test"), ("normal", "test"), ("expost", "val")]
+    assert rows[0]["fid"] != rows[1]["fid"]  # other z, other samples
+    for r in rows:
+        assert {"fid", "kid", "fid_judge", "kid_judge", "agree"} <= set(r)
+
+
+def test_a_start_outside_the_trained_timesteps_is_refused_before_sampling(trained, classifiers, tmp_path):
+    out = str(tmp_path / "sweep")
+    ck = os.path.join(trained, "ddpm.pt")  # trained on the code timesteps 0..110
+    for t_start in ("full", "300"):
+        with pytest.raises(SystemExit, match="trained on the code timesteps 0..110 only"):
+            sweep.main(["--models", f"m={ck}", "--steps", "2", "--n", "8", "--t_start", "50", t_start,
+                        "--out", out, *classifiers])
+    assert not os.path.exists(os.path.join(out, "results.json"))  # nothing was measured
