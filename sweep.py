@@ -122,9 +122,9 @@ def check_starts(models, t_starts):
                 raise SystemExit(f"error: --models {name}={ckpt}: {e}")
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     check_starts(args.models, args.t_start)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")

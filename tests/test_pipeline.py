@@ -260,7 +260,7 @@ def test_the_ema_decays_at_the_configured_rate_from_the_first_step():
 
 def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained, tmp_path, monkeypatch):
     # a checkpoint whose ex-post prior is one component at 5 with standard deviation 0.01: z from it lies within
-    # 6 sd of 5 in every coordinate; z from N(0, I) is at least 1 away from 5 with probability 1 - 1e-12 per draw
+    # 6 sd of 5 in every coordinate; a coordinate of z from N(0, I) is within 1 of 5 with probability 3e-5
     ck = load(os.path.join(trained, "ddpm.pt"))
     d = ck["vae"]["model_args"]["z_dim"]
     ck["vae"]["prior"] = dict(weights=torch.ones(1, dtype=torch.float64), means=torch.full((1, d), 5.0, dtype=torch.float64),
@@ -277,7 +277,8 @@ def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained, 
         if prior == "expost":
             assert ((z - 5).abs() < 0.06).all()
         else:
-            assert ((z - 5).abs() > 1).all() and abs(z.mean()) < 5 / (64 * d) ** 0.5 and abs(z.std() - 1) < 0.1
+            assert ((z - 5).abs() < 1).float().mean() < 0.01
+            assert abs(z.mean()) < 5 / (64 * d) ** 0.5 and abs(z.std() - 1) < 0.1
 
 
 @pytest.mark.parametrize("mode,extra", [("recon", []), ("interp", []), ("arith", ["--attr", "7", "--base", "1"])])
