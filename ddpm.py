@@ -156,7 +156,8 @@ class GaussianDiffusion(nn.Module):
 
     def model_log_variance(self, t, x, var_type):
         """log sigma_t^2 of p_theta(x_{t-1} | x_t): 'fixedlarge' sigma^2 = beta_t, 'fixedsmall' beta-tilde_t
-        (DDPM Sec. 3.2; [Su] derives both as the two extreme cases). As improved-diffusion, 'fixedlarge'
+        (DDPM Sec. 3.2: the optimal sigma^2 for data N(0, I) and for a single data point; [Su] states both and
+        defers their derivation; LESSONS.md Lesson 7 writes it out). As improved-diffusion, 'fixedlarge'
         uses beta-tilde_2 at the first step so that the decoder L_0 has a sensible scale."""
         if var_type == "fixedsmall":
             return extract(self.posterior_log_variance_clipped, t, x)
@@ -288,8 +289,8 @@ def ddim_timesteps(T, steps, spacing="uniform", t_start=None):
     x_T ~ N(0, I) is where the sampler starts; a smaller t_start is the truncated start of `sample`), and the last
     step reaches x_0. DDIM Appendix D.2 names two choices, written here with t_start = T - 1:
       uniform:   tau_i evenly spaced, tau_i ~ (T - 1) i / (S - 1);
-      quadratic: tau_i ~ (T - 1) (i / (S - 1))^2, dense at small t: the last jump to x_0 starts from little noise
-                 (10 steps: from t = 12 instead of t = 111), the first ones are long.
+      quadratic: tau_i ~ (T - 1) (i / (S - 1))^2, dense at small t: with 10 steps the call before the last one
+                 (code t 0) is at code t 12 instead of 111; the first steps are long.
     Rounding can make neighbouring quadratic indices collide when S is large; each is then moved up to one past
     its predecessor, which keeps tau_S = t_start and gives 0..t_start when S = t_start + 1."""
     t_start = T - 1 if t_start is None else int(t_start)

@@ -1,9 +1,16 @@
 """DiffuseVAE (Pandey et al., TMLR 2022): a VAE generator, a conditional DDPM refiner.
 
-Read beside [DiffuseVAE] in ../shared/derivations. The generative model is
-p(x_0:T, z) = p(z) p_theta(x_hat_0 | z) p_phi(x_0:T | x_hat_0), with x_hat_0 = dec(z), and the joint ELBO
+Read beside [DiffuseVAE] in ../shared/derivations. The paper's model is
+p(x_0:T, y, z) = p(z) p_theta(y | z) p_phi(x_0:T | y, z), with the joint ELBO
 
-    log p(x_0) >= L_VAE + E_{z ~ q(z|x_0)}[L_DDPM]                                     [DiffuseVAE]
+    log p(x_0, y) >= L_VAE + E_{z ~ q(z|y, x_0)}[L_DDPM]                               [DiffuseVAE]
+
+With the paper's y = x_0 the left side is log p(x_0, x_0), which counts the image twice. The model this code samples
+is p(x_0) = integral of p(z) p_phi(x_0 | x_hat_0 = dec(z)) dz (the decoder enters only as the map dec), and
+bound_bpd computes the bound below on it, negated and in bits/dim, with p(z) = N(0, I) and L_DDPM the DDPM's ELBO given
+x_hat_0 (the L_VAE reconstruction term log p_theta(y | z) trains the decoder but is no part of it):
+
+    log p(x_0) >= E_{z ~ q(z|x_0)}[L_DDPM(x_0 | x_hat_0 = dec(z))] - KL(q(z|x_0) || p(z))
 
 After the paper's simplifications (y = x_0; the DDPM sees z only through x_hat_0 = dec(z)) the two terms still
 share the VAE: L_DDPM depends on the encoder and decoder through x_hat_0 = dec(z), z ~ q(z|x_0). The paper's
