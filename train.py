@@ -116,7 +116,8 @@ def parse_args(argv=None):
                    help="bf16 autocast of the forward pass (auto: on CUDA, off on the CPU; on: also on a CPU with "
                         "AMX, where bench.py measures it faster than fp32)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
-    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True), and on CUDA the cuBLAS setting it needs (runtime.py)")
     p.add_argument("--log_every", type=int, default=50)
     p.add_argument("--sample_every", type=int, default=None)
     p.add_argument("--ckpt_every", type=int, default=None)
