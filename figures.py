@@ -125,7 +125,7 @@ def steps(ckpt, clip=True):
     noise = torch.randn(8, img_ch, size, size, generator=g, device=device)  # the same x_T noise for every row
     rows, labels, start = [], [], time.time()
     for n in counts:
-        args = sample_options(["--steps", str(n)] + ([] if clip else ["--no_clip"]))  # DDIM, eta 0
+        args = sample_options(["--steps", str(n), "--eta", "0"] + ([] if clip else ["--no_clip"]))  # DDIM, eta 0
         x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=8, args=args, x_T_noise=noise)
         rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
         print(f"{n:4d} steps: mean |x_0 - x_hat_0| = {(x0 - x_hat0).abs().mean().item():.3f}")

@@ -1,6 +1,6 @@
 """Sample from a trained DiffuseVAE: z ~ p(z) -> decoder -> x_hat_0 -> DDPM refinement in --steps steps.
 
-    python sample.py --steps 10                          # VAE samples beside their refinements (DDIM)
+    python sample.py --steps 10                          # VAE samples beside their refinements (DDIM, eta 0.5)
     python sample.py --steps 111 --sampler ddpm          # ancestral sampling (DDPM Algorithm 2) on every trained t
     python sample.py --mode recon                        # test images, their VAE reconstructions, refined
     python sample.py --mode interp                       # a path in z, the DDPM noise held fixed
@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
     p.add_argument("--spacing", default="uniform", choices=ddpm.SPACINGS,
                    help="which timesteps the --steps calls visit: evenly spaced, or quadratic (dense near x_0)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 deterministic, 1 ancestral)")
+    p.add_argument("--eta", type=float, default=0.5,
+                   help="DDIM stochasticity: sigma_t^2 = eta^2 beta-tilde_t (0 deterministic, 1 ancestral; 0.5 chosen on the "
+                        "validation split, RESULTS.md)")
     p.add_argument("--var_type", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
                    help="ancestral sigma_t^2: beta_t or beta-tilde_t")
     p.add_argument("--no_clip", action="store_true",

@@ -17,6 +17,7 @@ real held-out images of the other split (the floor) are scored once. Every image
 FIDs are NOT comparable to published Inception FIDs (see evaluate.py).
 """
 import argparse
+import fcntl
 import hashlib
 import itertools
 import json
@@ -110,6 +111,14 @@ def key_of(row):
                                                  "seed", "prior", "split", "classifiers"))
 
 
+def read_results(path):
+    """The rows of a results.json, [] if there is none yet."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def check_starts(models, t_starts):
     """Every model can be started at every --t_start: the refusal of sample.start_of, before anything is sampled."""
     for name, ckpt in models.items():
@@ -128,15 +137,17 @@ def main(argv=None):
     check_starts(args.models, args.t_start)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
-    results = json.load(open(path)) if os.path.exists(path) else []
+    results = read_results(path)
     done = {key_of(r) for r in results}
 
     def record(row):
-        results.append(row)
+        with open(path + ".lock", "w") as lock:  # sweeps sharing --out add their rows in turn, none overwritten
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            results[:] = read_results(path) + [row]
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)  # a crash never loses finished cells
         done.add(key_of(row))
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)  # a crash never loses finished cells
         print(json.dumps(row), flush=True)
 
     classifier, acc = E.load_or_train_classifier(args.classifier, args.data_dir, role=E.FEATURES)

@@ -52,3 +52,20 @@ def test_a_start_outside_the_trained_timesteps_is_refused_before_sampling(traine
             sweep.main(["--models", f"m={ck}", "--steps", "2", "--n", "8", "--t_start", "50", t_start,
                         "--out", out, *classifiers])
     assert not os.path.exists(os.path.join(out, "results.json"))  # nothing was measured
+
+
+def test_rows_another_sweep_adds_to_the_same_out_while_this_one_runs_are_kept(trained, classifiers, tmp_path,
+                                                                             monkeypatch):
+    out = str(tmp_path / "sweep")
+    path = os.path.join(out, "results.json")
+    draw = sweep.draw
+
+    def draw_beside_another_sweep(*a, **k):  # another sweep records a row between this one's reads and writes
+        rows = json.load(open(path))
+        with open(path, "w") as f:
+            json.dump(rows + [dict(rows[0], model="other")], f)
+        return draw(*a, **k)
+    monkeypatch.setattr(sweep, "draw", draw_beside_another_sweep)
+    sweep.main(["--models", f"m={os.path.join(trained, 'ddpm.pt')}", "--steps", "2", "--samplers", "ddim", "--n", "8",
+                "--batch_size", "8", "--out", out, *classifiers])
+    assert sorted(r["model"] for r in json.load(open(path))) == ["data", "m", "other", "vae", "vae_normal"]
