@@ -281,6 +281,19 @@ def test_sampling_draws_z_from_the_ex_post_prior_unless_told_otherwise(trained, 
             assert abs(z.mean()) < 5 / (64 * d) ** 0.5 and abs(z.std() - 1) < 0.1
 
 
+def test_recon_refines_a_draw_from_q_z_given_x_as_in_training(trained, data_dir, tmp_path):
+    # the refiner was trained on dec(z), z ~ q(z|x): two seeds draw two z's per image, so two reconstructions, whose
+    # distance from dec(mu) is that of sigma eps through the decoder; dec(mu) would be the same for every seed
+    ck = os.path.join(trained, "ddpm.pt")
+    recon = {}
+    for seed in ("0", "1"):
+        sample.main(["--ckpt", ck, "--mode", "recon", "--n", "4", "--steps", "2", "--seed", seed,
+                     "--data_dir", data_dir, "--out", str(tmp_path / seed)])
+        recon[seed] = np.load(str(tmp_path / seed) + ".npz")
+    assert np.array_equal(recon["0"]["data"], recon["1"]["data"])  # the same test images
+    assert not np.allclose(recon["0"]["vae"], recon["1"]["vae"], atol=1e-4)
+
+
 @pytest.mark.parametrize("mode,extra", [("recon", []), ("interp", []), ("arith", ["--attr", "7", "--base", "1"])])
 def test_sampling_modes(trained, data_dir, mode, extra):
     out = os.path.join(trained, mode)
