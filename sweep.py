@@ -166,9 +166,10 @@ def main(argv=None):
     vae_ckpt = None
     for name, ckpt in args.models.items():
         net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
-        vae_ckpt = vae_ckpt or (file_hash(ckpt) if vae is not None else None)
+        ckpt_hash = file_hash(ckpt)
+        vae_ckpt = vae_ckpt or (ckpt_hash if vae is not None else None)
         for sampler, steps, t_start, seed in itertools.product(args.samplers, args.steps, args.t_start, args.seeds):
-            cell = dict(common, model=name, ckpt=file_hash(ckpt), sampler=sampler, steps=steps, spacing=args.spacing,
+            cell = dict(common, model=name, ckpt=ckpt_hash, sampler=sampler, steps=steps, spacing=args.spacing,
                         t_start=t_start, extra=args.extra, seed=seed)
             if key_of(cell) in done or (vae is None and t_start not in ("default", "full")):
                 continue  # the unconditional model has no x_hat_0 to start from
