@@ -105,6 +105,73 @@ def save_grid(x, path, nrow=8, pad=2):
 
 # ----------------------------------------------------------------------------- shared helpers
 
+def loss_axis(values):
+    """The y axis for a loss series: (scale, (ymin, ymax)), the limits covering every finite value (others ignored).
+
+    Rule: "symlog" if the values change sign, else "log" if all are > 0 and max/min > 100 (more than 2 decades),
+    else "linear". A VAE's loss (the negative ELBO of a continuous likelihood) can go below 0, where a log axis
+    has nothing to draw. Margins: 5% of the range (linear, symlog), 5% of the decades (log)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return "linear", (0.0, 1.0)
+    lo, hi = float(v.min()), float(v.max())
+    if lo > 0 and hi / lo > 100:
+        f = (hi / lo) ** 0.05  # 5% of the span in log space
+        return "log", (lo / f, hi * f)
+    if hi > lo:
+        pad = 0.05 * (hi - lo)
+    else:  # a constant series: a band around it
+        pad = 0.05 * abs(lo) if lo != 0 else 0.5
+    return ("symlog" if lo < 0 < hi else "linear"), (lo - pad, hi + pad)
+
+
+def smooth(values, decay=None):
+    """Exponential moving average with Adam's bias correction: s_t = decay s_{t-1} + (1 - decay) v_t, s_0 = 0,
+    returned as s_t / (1 - decay^t), t = 1..n. Each output is a weighted mean of v_1..v_t with positive weights
+    summing to 1, so it lies in [min v, max v]. Default decay: 1 - 20/n, a time constant 1/(1 - decay) of 5% of
+    the n points (no smoothing below 20 points)."""
+    v = np.asarray(values, dtype=np.float64)
+    decay = max(0.0, 1 - 20 / max(len(v), 1)) if decay is None else decay
+    if not 0 <= decay < 1:
+        raise ValueError(f"decay must be in [0, 1), got {decay}")
+    s, out = 0.0, np.empty_like(v)
+    for t, x in enumerate(v, start=1):
+        s = decay * s + (1 - decay) * x
+        out[t - 1] = s / (1 - decay ** t)
+    return out
+
+
+def save_loss_curve(history, path, title):
+    """A loss curve from [(step, loss), ...] to the PNG `path`: the raw series thin and faint, its EMA (smooth)
+    over it, on the axis loss_axis chooses. Non-finite losses are dropped and counted in the title.
+    Returns {"scale", "limits", "dropped"}."""
+    h = np.asarray(history, dtype=np.float64).reshape(-1, 2)  # (n, 2): step, loss
+    keep = np.isfinite(h[:, 1])
+    steps, losses, dropped = h[keep, 0], h[keep, 1], int((~keep).sum())
+    scale, limits = loss_axis(losses)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(steps, losses, lw=0.7, alpha=0.5, color="C0", label="logged")
+    ax.plot(steps, smooth(losses), lw=1.8, color="C0", label="EMA")
+    if scale == "symlog":  # linear within about 1% of the largest |loss| (a power of 10), logarithmic beyond
+        ax.set_yscale("symlog", linthresh=10 ** np.floor(np.log10(0.01 * np.abs(losses).max())))
+        ax.axhline(0, color="gray", lw=0.5)
+    else:
+        ax.set_yscale(scale)
+    ax.set_ylim(*limits)
+    ax.set(xlabel="step", ylabel=f"loss ({scale} axis)",
+           title=title + (f" ({dropped} non-finite value{'s' * (dropped > 1)} dropped)" if dropped else ""))
+    ax.legend(fontsize=8)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return dict(scale=scale, limits=limits, dropped=dropped)
+
+
 def _read_file(path, hint):
     """The bytes of a file, gunzipped if its name ends in .gz; every failure becomes a DataError naming it."""
     try:

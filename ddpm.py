@@ -217,10 +217,6 @@ class GaussianDiffusion(nn.Module):
 
     # --- samplers ------------------------------------------------------------------------------------
 
-    def respace(self, steps, spacing="uniform", t_start=None):
-        """The same process seen only at `steps` of the timesteps 0..t_start (ddim_timesteps)."""
-        return self.respace_to(ddim_timesteps(self.T, steps, spacing, t_start))
-
     def respace_to(self, taus):
         """The same process seen only at the code indices `taus` (improved-diffusion's respacing):
         betas'_i = 1 - alpha-bar_{tau_i} / alpha-bar_{tau_{i-1}}, so alpha-bar' on the subsequence equals the

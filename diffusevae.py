@@ -32,31 +32,10 @@ With x_hat_0 = None the same code is the unconditional DDPM baseline.
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ddpm import extract, loss_simple, sample as ddpm_sample
-from vae import elbo, gaussian_log_likelihood, kl_standard_normal, reparameterize
-
-
-# ----------------------------------------------------------------------------- the constant frame
-# data.py pads Fashion-MNIST's 28x28 images with a 2-pixel frame of zeros (-1 in the model's range), the same in
-# every image. The stage-2 network can model only the content inside it (train.py --border): the frame carries no
-# information, and a 28x28 UNet does 0.77x the work of a 32x32 one. The three stage-2 functions below (ddpm_loss,
-# bound_bpd, refine) take and give whole images and crop or restore the frame themselves; border = 0 is the
-# network on the whole image.
-FRAME_VALUE = -1.0  # the frame's pixel value in [-1, 1]: 0 in the uint8 data
-
-
-def content(x, border):
-    """(B, C, S, S) -> (B, C, S - 2 border, S - 2 border): the image without its frame, in x's memory format."""
-    if not border:
-        return x
-    return x[..., border:x.shape[-2] - border, border:x.shape[-1] - border].clone(memory_format=torch.preserve_format)
-
-
-def with_frame(x, border):
-    """content's inverse on the data: (B, C, S', S') -> (B, C, S' + 2 border, S' + 2 border), frame = FRAME_VALUE."""
-    return F.pad(x, (border,) * 4, value=FRAME_VALUE) if border else x
+import ddpm
+from ddpm import extract, loss_simple
+from vae import kl_standard_normal, reparameterize
 
 
 # ----------------------------------------------------------------------------- Formulation 2, in x space
@@ -85,19 +64,6 @@ def form2_q_posterior_mean_variance(diffusion, x0, x_t, t, x_hat0):
     shift: use the standard posterior of y = x - x_hat_0 (this is where samplers 'remove the shift')."""
     mean_y, var, log_var = diffusion.q_posterior_mean_variance(x0, x_t - x_hat0, t)
     return mean_y + x_hat0, var, log_var
-
-
-# ----------------------------------------------------------------------------- training objective
-
-def denoiser_input(form, x0, x_hat0, diffusion, t, noise):
-    """x_t for the chosen formulation: form 1 (or unconditional) eq. 4; form 2 the shifted marginal."""
-    if form == 2:
-        if x_hat0 is None:
-            raise ValueError("Formulation 2 needs x_hat_0; use form 1 for the unconditional baseline")
-        return form2_q_sample(diffusion, x0, t, x_hat0, noise)
-    if form != 1:
-        raise ValueError(f"unknown form {form!r}: choose 1 or 2")
-    return diffusion.q_sample(x0, t, noise)
 
 
 # ----------------------------------------------------------------------------- what the network predicts
@@ -150,8 +116,10 @@ def drop_condition(x_hat0, p):
     return torch.where(keep.reshape(-1, *[1] * (x_hat0.dim() - 1)), x_hat0, null_condition(x_hat0))
 
 
+# ----------------------------------------------------------------------------- the training objective
+
 def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None, t_max=None, param="eps",
-              cond_drop=0.0, z=None, border=0):
+              cond_drop=0.0):
     """L_DDPM with dropped weights (DDPM eq. 14, Algorithm 1), per example (B,): the mean squared error of the
     network's output against training_target (for param = eps: the noise of the forward draw). The denoiser sees
     x_t and x_hat_0. t ~ U{0..t_max} (default T - 1, all of them): a refiner that always starts at t_start
@@ -159,49 +127,39 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
     cond_drop: the probability that the denoiser sees the null input instead of x_hat_0 (drop_condition). In form 2
     such an example's chain is shifted by the null input 0, i.e. not at all: the null branch learns the unshifted
     y-chain, the standard DDPM chain of x_0, as in form 1 (chain_eps_fn). A residual is taken from the input the
-    network saw.
-    border > 0: the process and the loss are on the content only (x_0, x_hat_0 cropped; noise is then content-sized)."""
+    network saw."""
     if param == "residual" and x_hat0 is None:
         raise ValueError("the residual parameterisation predicts x_0 - x_hat_0: it needs x_hat_0 (not --cond none)")
-    x0, x_hat0 = content(x0, border), (content(x_hat0, border) if x_hat0 is not None else None)
     if t is None:
         t_max = diffusion.T - 1 if t_max is None else t_max
         t = torch.randint(0, t_max + 1, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0) if noise is None else noise
+    if form not in (1, 2) or (form == 2 and x_hat0 is None):
+        raise ValueError(f"form must be 1, or 2 with an x_hat_0 (not the unconditional baseline); got form={form!r}")
     cond = drop_condition(x_hat0, cond_drop) if x_hat0 is not None else None
-    x_t = denoiser_input(form, x0, cond, diffusion, t, noise)  # form 2: shifted by what the network sees (null: 0)
+    # x_t: DDPM eq. 4 in form 1, the shifted marginal form2_q_sample in form 2, shifted by what the network sees
+    x_t = form2_q_sample(diffusion, x0, t, cond, noise) if form == 2 else diffusion.q_sample(x0, t, noise)
     target = training_target(param, diffusion, x0, cond, t, noise)  # residual: relative to what the network sees
-    out = eps_model(x_t, t, cond) if z is None else eps_model(x_t, t, cond, z=z)  # z: a z-conditioned UNet
-    return loss_simple(out, target), t
+    return loss_simple(eps_model(x_t, t, cond), target), t
 
 
 @torch.no_grad()
 def condition_from_vae(vae, x0):
-    """(x_hat_0, z): x_hat_0 = dec(z), z ~ q(z|x_0), the stage-2 training condition from the frozen VAE
-    ([DiffuseVAE]); z too, for a z-conditioned UNet."""
-    return condition_from_codes(vae, *vae.encode(x0))
-
-
-@torch.no_grad()
-def condition_from_codes(vae, mu, logvar):
-    """The same from q(z|x_0) = N(mu, diag e^logvar) given (vae.encode_dataset's cache: only the decoder runs)."""
-    z = reparameterize(mu, logvar)
-    return vae.decode(z), z
+    """x_hat_0 = dec(z), z ~ q(z|x_0): the stage-2 training condition from the frozen VAE ([DiffuseVAE])."""
+    return vae.decode(reparameterize(*vae.encode(x0)))
 
 
 def joint_loss(vae, eps_model, diffusion, x0, form=1):
     """-(L_VAE + L_DDPM) of [DiffuseVAE], per dimension, with L_DDPM replaced by its L_simple surrogate.
     Gradients reach the VAE only through L_VAE: the two-stage simplification trains L_VAE first, then this
-    function's second term with the VAE frozen (x_hat_0 is detached), which is what train.py does."""
-    mu, logvar = vae.encode(x0)
-    x_hat0 = vae.decode(reparameterize(mu, logvar))
-    rec, kl = elbo(gaussian_log_likelihood(x0, x_hat0, vae.obs_logvar), mu, logvar)
-    l_vae = (kl - rec).mean() / x0[0].numel()
-    l_ddpm = ddpm_loss(eps_model, diffusion, x0, x_hat0.detach(), form)[0].mean()
+    function's second term with the VAE frozen (x_hat_0 = dec(z) of its own draw z ~ q(z|x_0), no gradient),
+    which is what train.py does."""
+    l_vae = vae(x0).mean()
+    l_ddpm = ddpm_loss(eps_model, diffusion, x0, condition_from_vae(vae, x0), form)[0].mean()
     return l_vae + l_ddpm, l_vae, l_ddpm
 
 
-def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=0.0, z=None):
+def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=0.0):
     """eps_theta as ddpm.py's samplers and bound call it, eps_fn(x, t), on a standard DDPM chain.
     Form 1 (and the unconditional baseline, x_hat_0 = None): the chain is x_t itself.
     Form 2: the chain is y_t = x_t - x_hat_0 (a standard DDPM chain with y_0 = x_0), so eps_fn(y, t) =
@@ -210,8 +168,7 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
     guidance w > 0 (classifier-free guidance on x_hat_0, for a network trained with cond_drop > 0):
     eps = (1 + w) eps(chain_t, x_hat_0) - w eps(chain_t, null). The null branch sees the chain unshifted in both
     forms (form 2 shifts by the condition, and the null input is 0), so it is the unconditional eps of the standard
-    chain y_t and the guided eps is that of the sharpened p(y_t | x_hat_0) p(x_hat_0 | y_t)^w.
-    z: the latent, for a z-conditioned network (unet.py z_dim > 0)."""
+    chain y_t and the guided eps is that of the sharpened p(y_t | x_hat_0) p(x_hat_0 | y_t)^w."""
     if form not in (1, 2) or (form == 2 and x_hat0 is None):
         raise ValueError(f"form must be 1, or 2 with an x_hat_0; got form={form!r}")
     if guidance < 0 or (guidance > 0 and x_hat0 is None):
@@ -219,8 +176,7 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
 
     def eps_given(x, t, cond):
         x_in = x + cond if form == 2 else x  # form 2: the chain shifted by the condition the network sees
-        out = eps_model(x_in, t, cond) if z is None else eps_model(x_in, t, cond, z=z)
-        return eps_from_output(param, diffusion, out, x, t, cond)  # residual: cond + out, as in training
+        return eps_from_output(param, diffusion, eps_model(x_in, t, cond), x, t, cond)  # residual: cond + out, as in training
     if guidance == 0:
         return lambda x, t: eps_given(x, t, x_hat0)
     null = null_condition(x_hat0)
@@ -229,7 +185,7 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
 
 @torch.no_grad()
 def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False, param="eps",
-              border=0, t_start=None):
+              t_start=None):
     """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image ([DiffuseVAE]):
 
         -log p(x_0) <= E_{z ~ q(z|x_0)}[ -log p_phi(x_0 | x_hat_0 = dec(z)) ] + KL(q(z|x_0) || p(z))
@@ -239,37 +195,22 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
     (y_t = x_t - x_hat_0, y_0 = x_0): each KL is between two Gaussians shifted alike, so it is unchanged.
     With vae=None it is the unconditional DDPM's bound. t_start: the bound of the refiner started there (refine),
     whose chain starts from truncated_start's law and runs on the timesteps 0..t_start only (ddpm.vlb_terms_bpd).
-    Returns dict(total, ddpm, kl_z), each (B,) bits/dim.
-    border > 0 (a network of the content only): the frame holds FRAME_VALUE, the model puts it there with
-    probability 1, so its dimensions add 0 bits; the DDPM term is the content's bound spread over every dimension."""
+    Returns dict(total, ddpm, kl_z), each (B,) bits/dim."""
     if vae is None:
         x_hat0, kl_z = None, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     else:
         mu, logvar = vae.encode(x0)
-        x_hat0 = content(vae.decode(reparameterize(mu, logvar)), border)
+        x_hat0 = vae.decode(reparameterize(mu, logvar))
         kl_z = kl_standard_normal(mu, logvar) / (x0[0].numel() * math.log(2.0))
-    x0c = content(x0, border)
-    if border and not torch.equal(x0, with_frame(x0c, border)):
-        raise ValueError(f"the images are not {FRAME_VALUE} in their outer {border} pixels, where this network "
-                         f"models nothing: its bound holds only for framed images (border 0 models every pixel)")
-    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
     if t_start is not None and x_hat0 is None:
         raise ValueError("a truncated start (t_start) needs x_hat_0 to start from: the unconditional model has none")
-    ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0c, var_type=var_type, progress=progress, t_start=t_start,
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)
+    ddpm_bpd = diffusion.vlb_terms_bpd(eps_fn, x0, var_type=var_type, progress=progress, t_start=t_start,
                                        start_mean=x_hat0 if t_start is not None else None)["total"]
-    ddpm_bpd = ddpm_bpd * x0c[0].numel() / x0[0].numel()  # bits per content dimension -> per image dimension
     return dict(total=ddpm_bpd + kl_z, ddpm=ddpm_bpd, kl_z=kl_z)
 
 
 # ----------------------------------------------------------------------------- sampling
-
-def sample_start(cfg):
-    """Where a checkpoint's refiner starts by default (its config: train.py): sample_t_start, else t_start, the top of the
-    range the denoiser was trained on; None (the whole chain from noise) for 'full' or a config without either."""
-    t = cfg.get("sample_t_start")
-    t = cfg.get("t_start") if t is None else t
-    return None if t == "full" else t
-
 
 def truncated_start(diffusion, x_hat0, t_start, noise):
     """The state a truncated refiner starts from: the forward marginal at t_start of a chain whose data is x_hat_0,
@@ -284,52 +225,33 @@ def truncated_start(diffusion, x_hat0, t_start, noise):
 
 
 @torch.no_grad()
-def refine(eps_model, diffusion, x_hat0, form=1, steps=10, sampler="ddim", eta=0.0, temperature=1.0,
-           shape=None, generator=None, var_type="fixedlarge", progress=False, x_T_noise=None, clip_x0=True,
-           spacing="uniform", t_start=None, raw_eps=False, param="eps", guidance=0.0, z=None, border=0):
-    """DiffuseVAE's refiner: x_hat_0 -> x_0 with `steps` denoiser calls (DDIM by default).
+def refine(eps_model, diffusion, x_hat0, form=1, param="eps", t_start=None, guidance=0.0, noise=None, generator=None,
+           **sampler):
+    """DiffuseVAE's refiner: x_hat_0 -> x_0, by ddpm.sample with the keyword options `sampler` (steps, sampler,
+    eta, var_type, spacing, clip_x0 (here on by default), raw_eps, progress).
 
     Form 1: x_T ~ N(0, I) and every step conditions on x_hat_0.
     Form 2: x_T ~ N(x_hat_0, I); the chain runs on y_t = x_t - x_hat_0, which is the standard DDPM chain, so the
     sampler of ddpm.py applies with eps_fn(y, t) = eps_theta(y + x_hat_0, t, x_hat_0); its output is y_0 = x_0,
     i.e. the shift is removed at the end.
     t_start (a code index < T - 1): start the chain at `truncated_start` instead of pure noise and spend the
-    `steps` calls on the timesteps 0..t_start: x_hat_0 is already close to x_0, so the large-noise steps, where
-    a few-step sampler of an under-trained denoiser errs most, are skipped.
-    x_hat_0 = None with form 1 samples the unconditional baseline (give `shape` then; no t_start).
-    `x_T_noise` fixes the initial noise (for interpolation with the DDPM noise held fixed).
-    `clip_x0` clamps each predicted x_0 to the data range [-1, 1] (in form 2 the y-chain's x_0 is the data x_0 too).
-    With few steps it matters: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error
-    by sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
-    `raw_eps` keeps the network's eps after clipping (DDIM; ddpm.sample). `spacing` picks which `steps`
-    timesteps the sampler visits (ddpm.ddim_timesteps). `param`: what the network predicts (training_target).
-    `guidance`: classifier-free guidance weight w on x_hat_0 (chain_eps_fn); `z`: for a z-conditioned network.
-    `border` > 0: a network of the content only; x_hat_0, `shape` and `x_T_noise` are whole images, the chain runs
-    on their content and the sample gets the frame back (with_frame).
-    """
-    if x_hat0 is not None:
-        x_hat0 = content(x_hat0, border)
-    elif shape is not None:
-        shape = (*shape[:-2], shape[-2] - 2 * border, shape[-1] - 2 * border)
-    x_T_noise = content(x_T_noise, border) if x_T_noise is not None else None
-    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param, guidance, z)
-    ref = x_hat0 if x_hat0 is not None else torch.empty(shape, device=_device_of(eps_model))
-    noise = x_T_noise if x_T_noise is not None else torch.randn(
-        ref.shape, generator=generator, device=ref.device, dtype=ref.dtype)
+    steps on the timesteps 0..t_start: x_hat_0 is already close to x_0, so the large-noise steps, where a few-step
+    sampler of an under-trained denoiser errs most, are skipped.
+    x_hat_0 = None with form 1 samples the unconditional baseline from `noise`, which then sets the shape.
+    `noise` fixes the starting noise (interpolation holds it fixed along a path); default: a draw from `generator`.
+    Clipping each predicted x_0 to [-1, 1] (in form 2 the y-chain's x_0 is the data x_0 too) matters with few
+    steps: x_0-hat = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t) divides the eps error by
+    sqrt(alpha-bar_T) ~ 0.006 at the first step, and unclipped that error can carry through to the sample.
+    `param`: what the network predicts (training_target); `guidance`: the weight w of chain_eps_fn."""
+    if noise is None:
+        if x_hat0 is None:
+            raise ValueError("the unconditional model has no x_hat_0 to shape its sample: pass noise of that shape")
+        noise = ddpm.randn_like(x_hat0, generator)
+    eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param, guidance)
     if t_start is None:
-        # the chain starts from noise: x_T in form 1, and y_T = x_T - x_hat_0 with x_T ~ N(x_hat_0, I) in form 2
-        start = temperature * noise
+        start = noise  # x_T in form 1; y_T = x_T - x_hat_0 with x_T ~ N(x_hat_0, I) in form 2
     elif x_hat0 is None:
         raise ValueError("a truncated start (t_start) needs x_hat_0 to start from: the unconditional model has none")
     else:
-        start = truncated_start(diffusion, x_hat0, t_start, temperature * noise)
-    x0 = ddpm_sample(diffusion, eps_fn, start, steps, sampler, eta, var_type, clip_x0=clip_x0, generator=generator,
-                     progress=progress, spacing=spacing, t_start=t_start, raw_eps=raw_eps)
-    return with_frame(x0, border)
-
-
-def _device_of(module):
-    try:
-        return next(module.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+        start = truncated_start(diffusion, x_hat0, t_start, noise)
+    return ddpm.sample(diffusion, eps_fn, start, t_start=t_start, generator=generator, **{"clip_x0": True, **sampler})

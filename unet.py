@@ -54,9 +54,8 @@ def norm(c, groups=32):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W pixels: x + proj(softmax(q k^T / sqrt(C)) v), with q, k, v 1x1 convs
     of GroupNorm(x) and proj zero-initialised. DDPM uses it at 16x16 and in the middle of the UNet.
-    The 1x1 convs are written as Linear layers on the channel axis of the (B, 1, HW, C) pixel tokens (the same map,
-    DDPM's code calls them "nin"): q, k, v then have unit stride along C, which with the 4-D (B, heads, L, C)
-    layout is what lets scaled_dot_product_attention take its fused (flash) kernel on CPU, not the math fallback."""
+    The 1x1 convs are Linear layers on the channel axis of the (B, 1, HW, C) pixel tokens (the same map; DDPM's
+    code calls them "nin"), in the (B, heads, L, C) layout scaled_dot_product_attention takes."""
 
     def __init__(self, c, groups=32):
         super().__init__()
@@ -81,9 +80,8 @@ class ResBlock(nn.Module):
     With attn=True it is followed by an AttnBlock (DDPM: after every res block at the attention resolutions).
     """
 
-    def __init__(self, c_in, c_out, temb_ch, dropout, attn=False, groups=32, in_place=True):
+    def __init__(self, c_in, c_out, temb_ch, dropout, attn=False, groups=32):
         super().__init__()
-        self.in_place = in_place  # False: every op makes a new tensor (the code before; bench.py's A/B)
         self.norm1, self.conv1 = norm(c_in, groups), conv(c_in, c_out)
         self.temb_proj = _init(nn.Linear(temb_ch, c_out))
         self.norm2, self.dropout, self.conv2 = norm(c_out, groups), nn.Dropout(dropout), conv(c_out, c_out, zero=True)
@@ -91,15 +89,10 @@ class ResBlock(nn.Module):
         self.attn = AttnBlock(c_out, groups) if attn else nn.Identity()
 
     def forward(self, x, temb):
-        # In place where nothing needs the old values (bench.py "in place" rows): the adds go into the conv outputs
-        # (a conv's backward needs its input, not its output); SiLU overwrites GroupNorm's output only when no graph
-        # is recorded, i.e. when sampling (under autograd it measured slower).
-        add = torch.Tensor.add_ if self.in_place else torch.add
-        silu_in_place = self.in_place and not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=silu_in_place))      # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = add(h, self.temb_proj(F.silu(temb))[:, :, None, None])          # + (B, C_out, 1, 1), the same at every pixel
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=silu_in_place)))
-        return self.attn(add(h, self.skip(x)))
+        h = self.conv1(F.silu(self.norm1(x)))                         # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]        # + (B, C_out, 1, 1), the same at every pixel
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attn(h + self.skip(x))
 
 
 class Downsample(nn.Module):
@@ -113,44 +106,15 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-def four_taps(w, dim):
-    """The taps (w_2, w_1 + w_2, w_0 + w_1, w_0) along `dim` of a kernel with taps (w_0, w_1, w_2) along it."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
-
-
-class UpsampleConv(nn.Conv2d):
-    """A 3x3 conv (stride 1, padding 1) of the nearest-neighbour x2 upsampled input: (B, C_in, H, W) -> (B, C_out, 2H, 2W).
-
-    Computed as the same linear map in one stride-2 transposed conv (fast=True, the default): output pixel
-    (2i + a, 2j + b) of "upsample, then conv with w" sees only x's rows i - 1 + a .. i + a and columns j - 1 + b ..
-    j + b, so along each axis input row i reaches output rows 2i - 1 .. 2i + 2 with the taps
-    (w_2, w_1 + w_2, w_0 + w_1, w_0) (four_taps). The 4x4 kernel does 16 multiply-adds per input pixel and channel
-    pair where the upsampled 3x3 conv does 4 x 9 = 36, and the 4x larger copy of x is never made (bench.py: the
-    "transposed up-conv" rows). The parameters are the 3x3 conv's, so checkpoints do not change; fast=False runs
-    the definition (tests/test_unet.py: the two agree, values and gradients, to float64 precision).
-    """
-
-    def __init__(self, c_in, c_out, fast=True):
-        super().__init__(c_in, c_out, 3, 1, 1)
-        self.fast = fast
-
-    def forward(self, x):
-        if not self.fast:
-            return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        k = four_taps(four_taps(self.weight, 2), 3)                  # (C_out, C_in, 4, 4)
-        return F.conv_transpose2d(x, k.transpose(0, 1), self.bias, stride=2, padding=1)  # wants (C_in, C_out, 4, 4)
-
-
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W), one UpsampleConv."""
+    """Nearest-neighbour x2 then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
 
     def __init__(self, c):
         super().__init__()
-        self.conv = _init(UpsampleConv(c, c))
+        self.conv = conv(c, c)
 
     def forward(self, x, temb=None):
-        return self.conv(x)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class UNet(nn.Module):
@@ -161,45 +125,35 @@ class UNet(nn.Module):
     Up path: per level num_res_blocks + 1 ResBlocks, each eating concat(h, skip stack pop), then an Upsample except
     at the top level. Out: GroupNorm -> SiLU -> zero-initialised 3x3 conv to img_ch channels.
     Attention follows each ResBlock whose resolution is in attn_resolutions.
-    z_dim > 0 conditions on the VAE's latent z too (DiffuseVAE's official code offers it): a linear embedding of z
-    is added to the timestep embedding, so every ResBlock sees it (off by default: the paper's model sees z only
-    through x_hat_0 = dec(z)).
     Note: GroupNorm with as many groups as channels normalises each channel alone, which subtracts the
     per-channel timestep shift W SiLU(temb) right after it is added; so small widths (ch = 32) want
     norm_groups = 8, while DDPM's 32 groups are the default (the canonical model is unchanged).
     """
 
     def __init__(self, img_ch=1, cond_ch=0, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, image_size=32, norm_groups=32, z_dim=0):
+                 attn_resolutions=(16,), dropout=0.1, image_size=32, norm_groups=32):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         resolutions = [image_size // 2 ** i for i in range(len(ch_mult))]
-        if img_ch < 1 or cond_ch < 0:
-            raise ValueError(f"need img_ch >= 1 and cond_ch >= 0, got img_ch={img_ch}, cond_ch={cond_ch}")
-        if norm_groups < 1 or ch <= 0 or ch % norm_groups:
-            raise ValueError(f"ch must be a positive multiple of norm_groups = {norm_groups}, got ch={ch}")
-        if not ch_mult or any(m < 1 for m in ch_mult) or num_res_blocks < 1:
-            raise ValueError(f"need a non-empty ch_mult of ints >= 1 and num_res_blocks >= 1, "
-                             f"got ch_mult={ch_mult}, num_res_blocks={num_res_blocks}")
-        if image_size <= 0 or image_size % 2 ** (len(ch_mult) - 1):
-            raise ValueError(f"image_size must be divisible by 2**(len(ch_mult)-1) = {2 ** (len(ch_mult) - 1)}, "
-                             f"got {image_size}")
-        if any(r not in resolutions for r in attn_resolutions):
-            raise ValueError(f"attn_resolutions {attn_resolutions} must be among the UNet's resolutions {resolutions}")
-        if z_dim < 0:
-            raise ValueError(f"z_dim must be >= 0 (0: no z-conditioning), got {z_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        rules = [(img_ch >= 1 and cond_ch >= 0, "img_ch >= 1 and cond_ch >= 0"),
+                 (norm_groups >= 1 and ch > 0 and ch % norm_groups == 0, f"ch a positive multiple of norm_groups"),
+                 (ch_mult and min(ch_mult) >= 1 and num_res_blocks >= 1, "ch_mult ints >= 1, num_res_blocks >= 1"),
+                 (image_size > 0 and image_size % 2 ** (len(ch_mult) - 1) == 0,
+                  "image_size divisible by 2**(len(ch_mult)-1), the UNet halves it len(ch_mult)-1 times"),
+                 (all(r in resolutions for r in attn_resolutions), f"attn_resolutions among {resolutions}"),
+                 (0.0 <= dropout < 1.0, "dropout in [0, 1)")]
+        broken = [rule for ok, rule in rules if not ok]
+        if broken:
+            raise ValueError(f"the UNet needs {'; '.join(broken)}; got img_ch={img_ch}, cond_ch={cond_ch}, ch={ch}, "
+                             f"norm_groups={norm_groups}, ch_mult={ch_mult}, num_res_blocks={num_res_blocks}, "
+                             f"image_size={image_size}, attn_resolutions={attn_resolutions}, dropout={dropout}")
         self.config = dict(img_ch=img_ch, cond_ch=cond_ch, ch=ch, ch_mult=list(ch_mult),
                            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
                            dropout=float(dropout), image_size=image_size, norm_groups=norm_groups)
-        if z_dim:  # only when used, so checkpoints of the plain model keep their exact model_args
-            self.config["z_dim"] = z_dim
         g = norm_groups
         temb_ch = 4 * ch
         # timestep MLP: (B, ch) sinusoid -> (B, 4ch)
         self.temb = nn.Sequential(_init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch)))
-        self.z_emb = _init(nn.Linear(z_dim, temb_ch)) if z_dim else None  # (B, z_dim) -> (B, 4ch), added to temb
         self.conv_in = conv(img_ch + cond_ch, ch)                   # (B, img_ch + cond_ch, S, S) -> (B, ch, S, S)
 
         skip_chs, c = [ch], ch  # channels of every tensor pushed on the skip stack
@@ -236,18 +190,13 @@ class UNet(nn.Module):
             got = None if cond is None else tuple(cond.shape)
             raise ValueError(f"this UNet needs cond of shape (B, {cfg['cond_ch']}, H, W) matching x, got {got}")
 
-    def forward(self, x, t, cond=None, z=None):
-        """x: (B, img_ch, H, W) noisy image x_t; t: (B,) long code indices; cond: (B, cond_ch, H, W) or None;
-        z: (B, z_dim) for a z-conditioned UNet, else None. Returns (B, img_ch, H, W), the predicted noise eps_theta."""
+    def forward(self, x, t, cond=None):
+        """x: (B, img_ch, H, W) noisy image x_t; t: (B,) long code indices; cond: (B, cond_ch, H, W) or None.
+        Returns (B, img_ch, H, W), the predicted noise eps_theta."""
         self._check_inputs(x, t, cond)
-        if (self.z_emb is None) != (z is None):
-            raise ValueError(f"this UNet takes z of shape (B, {self.config.get('z_dim', 0)}) "
-                             f"{'and none was given' if z is None else 'never: it has z_dim = 0'}")
         if cond is not None:
             x = torch.cat([x, cond], dim=1)                         # (B, img_ch + cond_ch, H, W)
         temb = self.temb(timestep_embedding(t, self.config["ch"]).to(x.dtype))  # (B, ch) -> (B, 4ch)
-        if z is not None:
-            temb = temb + self.z_emb(z.to(x.dtype))                 # (B, z_dim) -> (B, 4ch)
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer(hs[-1], temb))

@@ -14,9 +14,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-
-from unet import UpsampleConv
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -40,16 +37,10 @@ def gaussian_log_likelihood(x, mean, logvar):
     return (-0.5 * (LOG_2PI + logvar + (x - mean).pow(2) * torch.exp(-logvar))).flatten(1).sum(1)
 
 
-def bernoulli_log_likelihood(x01, logits):
-    """log Bernoulli(x; sigmoid(logits)) for x in [0, 1], summed over dimensions, per example (B,)."""
-    return -F.binary_cross_entropy_with_logits(logits, x01, reduction="none").flatten(1).sum(1)
-
-
-def elbo(log_px_given_z, mu, logvar):
-    """The two terms of the ELBO ([Luo]; [DiffuseVAE] L_VAE, with the log the document drops):
-    (E_q[log p(x|z)] estimated by the given one-sample log-likelihood, KL(q(z|x) || p(z))), each (B,).
-    The ELBO is their difference; the training loss is its negative."""
-    return log_px_given_z, kl_standard_normal(mu, logvar)
+def negative_elbo(x, x_hat, obs_logvar, mu, logvar):
+    """-ELBO = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) per example (B,), in nats ([Luo]; [DiffuseVAE] L_VAE, with
+    the log the document drops), E_q estimated by the one draw z that decoded to x_hat: p(x|z) = N(x_hat, e^obs_logvar I)."""
+    return kl_standard_normal(mu, logvar) - gaussian_log_likelihood(x, x_hat, obs_logvar)
 
 
 # ----------------------------------------------------------------------------- the networks
@@ -59,8 +50,8 @@ def _block(c_in, c_out, stride):
                          nn.Conv2d(c_out, c_out, 3, 1, 1), nn.GroupNorm(8, c_out), nn.SiLU())
 
 
-def _up_block(c_in, c_out):  # the Identity holds the place of the nn.Upsample UpsampleConv took in: saved VAEs load
-    return nn.Sequential(nn.Identity(), UpsampleConv(c_in, c_out),
+def _up_block(c_in, c_out):
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1),
                          nn.GroupNorm(8, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, 1, 1),
                          nn.GroupNorm(8, c_out), nn.SiLU())
 
@@ -88,6 +79,15 @@ class VAE(nn.Module):
         self.s, self.ch, self.z_dim = s, ch, z_dim
         self.prior = None  # the ex-post mixture for sampling (fit_expost_prior, below); None means N(0, I)
 
+    @classmethod
+    def from_checkpoint(cls, ck):
+        """The frozen VAE of a stage-1 checkpoint, or of a stage-2 checkpoint's "vae" entry (runtime.py): its EMA
+        weights and its ex-post prior."""
+        vae = cls(**ck["model_args"])
+        vae.load_state_dict(ck["ema"])
+        vae.prior = ck.get("prior")  # None before stage 1's last step
+        return vae.eval().requires_grad_(False)
+
     def encode(self, x):
         """(B, C, S, S) -> mu, logvar, each (B, z_dim): the parameters of q(z|x)."""
         mu, logvar = self.to_stats(self.enc(x)).chunk(2, dim=1)
@@ -99,16 +99,10 @@ class VAE(nn.Module):
         return self.dec(h)
 
     def forward(self, x):
-        """One-sample ELBO terms for a batch: returns (recon_log_lik (B,), kl (B,), x_hat (B, C, S, S))."""
+        """The stage-1 loss: the one-sample negative ELBO of each image in nats per dimension, (B,)."""
         mu, logvar = self.encode(x)
         x_hat = self.decode(reparameterize(mu, logvar))
-        rec, kl = elbo(gaussian_log_likelihood(x, x_hat, self.obs_logvar), mu, logvar)
-        return rec, kl, x_hat
-
-    def loss(self, x):
-        """Negative ELBO in nats per dimension, averaged over the batch (the stage-1 training loss)."""
-        rec, kl, _ = self(x)
-        return (kl - rec).mean() / x[0].numel()
+        return negative_elbo(x, x_hat, self.obs_logvar, mu, logvar) / x[0].numel()
 
     @torch.no_grad()
     def sample(self, n, generator=None, temperature=1.0, device="cpu"):
@@ -186,8 +180,7 @@ def sample_prior(n, z_dim, prior=None, temperature=1.0, generator=None, device="
 @torch.no_grad()
 def encode_dataset(vae, images, batch_size=500):
     """q(z|x) = N(mu, diag e^logvar) of every uint8 image (N, C, S, S): (mu, logvar), each (N, z_dim) float32 on the
-    CPU. A frozen VAE's q(z|x) of a training image never changes, so stage 2 draws z from these instead of
-    running the encoder on every batch again, and the ex-post prior is fitted to draws from them."""
+    CPU: the ex-post prior is fitted to draws from them."""
     from data import to_model_range
     device = next(vae.parameters()).device
     mus, logvars = [], []
@@ -197,11 +190,10 @@ def encode_dataset(vae, images, batch_size=500):
     return torch.cat(mus), torch.cat(logvars)
 
 
-def fit_expost_prior(vae, images, k=10, batch_size=500, generator=None, codes=None):
-    """Draw one z ~ q(z|x) for each uint8 image (N, C, S, S) (or from its `codes`, encode_dataset's (mu, logvar)),
-    fit the k-component mixture to them. Returns (prior, mean log-likelihood of the codes under it per latent
-    dimension)."""
-    mu, logvar = encode_dataset(vae, images, batch_size) if codes is None else codes
+def fit_expost_prior(vae, images, k=10, batch_size=500, generator=None):
+    """Draw one z ~ q(z|x) for each uint8 image (N, C, S, S), fit the k-component mixture to them. Returns (prior,
+    mean log-likelihood of the codes under it per latent dimension)."""
+    mu, logvar = encode_dataset(vae, images, batch_size)
     z = reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator))
     prior, history = fit_gmm(z, k=k, generator=generator)
     return prior, history[-1] / vae.z_dim

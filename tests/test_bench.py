@@ -1,8 +1,9 @@
-"""bench.py's code, not its numbers (those belong to a machine): the README's commands parse, the stage-2 step it
-times computes train.py's loss (written out here) in every variant and its rows set each variant's time against the
-first's, the convolution FLOPs it reads off the profiler are torch's own count, and the diffusers comparison runs
-every model on the same batch with its input and weights in the row's memory format. Tiny networks keep it to a few
-seconds."""
+"""tools/bench.py's code, not its numbers (those belong to a machine): the README's commands parse, the stage-2 step it
+times is train.train_step and computes its loss (written out here) by every path, and its rows set each path's time
+against the first's; the alternatives to the core's layers it patches in (the transposed up-conv, the in-place
+ResBlocks) compute what the core's layers do; the convolution FLOPs it reads off the profiler are torch's own count;
+and the diffusers comparison runs every model on the same batch with its input and weights in the row's memory
+format. Tiny networks keep it to a few seconds."""
 from types import SimpleNamespace
 
 import pytest
@@ -11,17 +12,19 @@ import torch.nn.functional as F
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench
+import runtime
+import train
+import unet
 import vae as vae_module
 from oracles import linear_schedule_by_hand
-from unet import UpsampleConv
+from tools import bench
 
 CPU = torch.device("cpu")
 TINY = dict(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], norm_groups=8, image_size=16,
             batch_size=4, vae_ch=8, z_dim=8)
-# The paths differ only in where (mu, logvar) come from, in memory layout and in how UpsampleConv is computed, which
-# reorder the convolutions' sums:
-# float32 rounding (unit roundoff 6e-8) through a few dozen layers, far below 1e-5 relative.
+# The paths differ only in memory layout, in how the upsampling convs are computed and in whether the ResBlocks add
+# in place, which reorder the convolutions' sums: float32 rounding (unit roundoff 6e-8) through a few dozen layers,
+# far below 1e-5 relative.
 RTOL = 1e-5
 
 
@@ -49,40 +52,57 @@ def test_bad_flags_are_rejected(argv, capsys):
     assert e.value.code == 2
 
 
-def test_cached_and_encoder_paths_train_the_same_model(tiny, monkeypatch):
-    """Seeded as train.py seeds a step, the cached codes and the encoder on every batch draw the same z, t and noise:
-    the same losses step after step, in every layout; and the cached step never runs the encoder. --border 2 trains
-    another model (on the 12x12 content, not the 16x16 image): its loss is that of the content."""
-    calls = []
-    encode = vae_module.VAE.encode
+def test_every_stage2_path_trains_the_same_model(tiny, monkeypatch):
+    """Each path's step is train.train_step, seeded as train.py seeds a step, so every path draws the same batch,
+    z, t and noise: the same losses step after step, in every layout and code path; and every step runs the frozen
+    VAE's encoder (train.py encodes each batch: diffusevae.condition_from_vae)."""
+    calls, steps = [], []
+    encode, train_step = vae_module.VAE.encode, train.train_step
     monkeypatch.setattr(vae_module.VAE, "encode", lambda self, x: calls.append(1) or encode(self, x))
+    monkeypatch.setattr(train, "train_step", lambda run: steps.append(run.step) or train_step(run))
     losses = {}
-    for name, flags in bench.STAGE2_VARIANTS.items():
+    for name, flags in bench.STEP_PATHS.items():
         step = bench.stage2_step("cpu", 4, CPU, *flags)
-        calls.clear()
+        calls.clear(), steps.clear()
         losses[name] = torch.stack([step() for _ in range(3)])
-        assert len(calls) == (0 if flags[0] else 3), name  # cached: the decoder only
-    before = losses[next(iter(bench.STAGE2_VARIANTS))]
+        assert len(calls) == 3 and steps == [0, 1, 2], name
+    before = losses[next(iter(bench.STEP_PATHS))]
     assert torch.isfinite(before).all()
     for name, loss in losses.items():
-        if bench.STAGE2_VARIANTS[name][5]:  # --border
-            assert torch.isfinite(loss).all() and not torch.allclose(loss, before, rtol=1e-3), name
-        else:
-            torch.testing.assert_close(loss, before, rtol=RTOL, atol=0, msg=name)
+        torch.testing.assert_close(loss, before, rtol=RTOL, atol=0, msg=name)
+
+
+def without_zero_layers(monkeypatch):
+    """bench.build with the layers DDPM's init zeroes (the UNet's output conv, each ResBlock's second conv, each
+    attention's projection) Xavier-initialised: a zero output conv would make the UNet output exactly 0 whatever its
+    input, in any precision."""
+    build = bench.build
+
+    def build_without_zero_layers(*args, **kwargs):
+        net = build(*args, **kwargs)
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+                torch.nn.init.xavier_uniform_(m.weight)
+        return net
+    monkeypatch.setattr(bench, "build", build_without_zero_layers)
 
 
 def test_bf16_rows_are_train_pys_path_under_autocast_where_the_cpu_has_amx(tiny, monkeypatch):
-    """with_bf16 adds the default's step under bf16 autocast (train.py --bf16 on) only on a CPU with AMX; that step
-    draws the same z, t and noise as the fp32 one, so its loss differs only by bf16 rounding: a relative 2^-8 per
-    rounding, and 5 of them (test_runtime's bound) before the first update. After the first AdamW step the weights
-    differ too, so only the first loss is held to it."""
+    """with_bf16 adds the default's step (the last path, train.py's: the core's code in runtime.py's CPU layout)
+    under bf16 autocast (train.py --bf16 on) only on a CPU with AMX; that step draws the same batch, z, t and noise
+    as the fp32 one, so its loss differs only by bf16 rounding: a relative 2^-8 per rounding, and 5 of them
+    (test_runtime's bound) before the first update. After the first AdamW step the weights differ too, so only the
+    first loss is held to it. train.py decodes x_hat_0 outside autocast, so only the denoiser's output carries the
+    rounding: its zero-initialised layers are made nonzero (without_zero_layers), else that output is exactly 0."""
+    without_zero_layers(monkeypatch)
+    base = "channels_last"
+    assert list(bench.STEP_PATHS)[-1] == base and bench.STEP_PATHS[base] == (runtime.CPU_CHANNELS_LAST, False, False)
     monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: False)
-    assert bench.with_bf16(bench.STAGE2_VARIANTS, CPU) is bench.STAGE2_VARIANTS
+    assert bench.with_bf16(bench.STEP_PATHS, CPU) is bench.STEP_PATHS
     monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: True)
-    base = "cached, channels_last, transposed, in place"
-    variants = bench.with_bf16(bench.STAGE2_VARIANTS, CPU, base=base)
-    assert list(variants) == [*bench.STAGE2_VARIANTS, base + bench.BF16]
-    assert variants[base + bench.BF16] == bench.STAGE2_VARIANTS[base] + (True,)
+    variants = bench.with_bf16(bench.STEP_PATHS, CPU, base=base)
+    assert list(variants) == [*bench.STEP_PATHS, base + bench.BF16]
+    assert variants[base + bench.BF16] == bench.STEP_PATHS[base] + (True,)
     assert list(bench.with_bf16(bench.STEP_PATHS, CPU))[-1] == list(bench.STEP_PATHS)[-1] + bench.BF16
     assert bench.with_bf16(bench.STEP_PATHS, torch.device("cuda")) is bench.STEP_PATHS  # bf16 everywhere there
     fp32, bf16 = (bench.stage2_step("cpu", 4, CPU, *variants[name]) for name in (base, base + bench.BF16))
@@ -92,56 +112,49 @@ def test_bf16_rows_are_train_pys_path_under_autocast_where_the_cpu_has_amx(tiny,
     assert rows[-1]["after"] == base + bench.BF16 and 0 < rows[-1]["speedup"] < float("inf")
 
 
-def stage2_first_loss_by_hand(border):
-    """train.py's stage-2 loss at step 0 on bench's fixed batch, written out: the weights and batch as seeded by
-    stage2_step (seed 0), then under step_seed(0, 0, 0) z = mu + sigma eps_z (reparameterisation), x_hat_0 = dec(z),
-    t ~ U{0..t_start}, eps ~ N(0, I) in that order (train.py's), the content without the `border` frame, and
-    form 2 with the residual target: x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps + x_hat_0 and
-    loss = mean((x_0 - x_hat_0) - net(x_t, t, x_hat_0))^2 over the batch and pixels."""
-    cfg = dict(bench.PRESETS["cpu"], border=border)
+def stage2_first_loss_by_hand():
+    """train.py's stage-2 loss at step 0 on bench's random weights and images, written out: the weights and images
+    as make_run seeds them (seed 0: the VAE, the UNet, then the uint8 images), then under step_seed(0, 0, 0) the
+    batch indices, z = mu + sigma eps_z (reparameterisation), x_hat_0 = dec(z), t ~ U{0..t_start}, eps ~ N(0, I) in
+    that order (train.py's), and form 2 with the residual target: x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps +
+    x_hat_0 and loss = mean((x_0 - x_hat_0) - net(x_t, t, x_hat_0))^2 over the batch and pixels."""
+    cfg = bench.PRESETS["cpu"]
     assert cfg["param"] == "residual" and cfg["schedule"] == "linear" and cfg["T"] == 1000  # what is written here
+    assert cfg["cond_drop"] == 0 and cfg["dropout"] == 0
     torch.manual_seed(0)
-    vae = bench.make_vae(cfg, 1).eval()
-    unet = bench.make_unet(cfg, 1, cond_ch=1).train()
-    x0 = bench.random_images(cfg, TINY["batch_size"], CPU)
+    vae = bench.build("vae", "cpu", CPU).eval()
+    unet_ = bench.build("unet", "cpu", CPU).train()
+    images = bench.random_shard(cfg, bench.SHARD_IMAGES)
+    B = TINY["batch_size"]
     with torch.no_grad():
+        torch.manual_seed(train.step_seed(0, 0, 0))
+        x0 = images[torch.randint(0, len(images), (B,))].float() / 127.5 - 1
         mu, logvar = vae.encode(x0)
-        torch.manual_seed(bench.step_seed(0, 0, 0))
         x_hat0 = vae.decode(mu + (0.5 * logvar).exp() * torch.randn(mu.shape))
-        crop = (lambda x: x[..., border:-border, border:-border]) if border else (lambda x: x)
-        x0, x_hat0 = crop(x0), crop(x_hat0)
-        t = torch.randint(0, cfg["t_start"] + 1, (x0.shape[0],))
+        t = torch.randint(0, cfg["t_start"] + 1, (B,))
         noise = torch.randn(x0.shape)
         a = linear_schedule_by_hand(1000)[1][t].float().reshape(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise + x_hat0
-        return ((x0 - x_hat0) - unet(x_t, t, x_hat0)).pow(2).mean()
+        return ((x0 - x_hat0) - unet_(x_t, t, x_hat0)).pow(2).mean()
 
 
-def test_stage2_speedups_are_before_over_after_and_each_variant_computes_train_pys_loss(tiny, monkeypatch):
-    """bench_stage2's rows: before = the first variant, after = each other, ms = 1e3 s, speedup = before / after,
-    img/s = batch / s, with the seconds race() gives (replaced here by known ones); and the step each variant hands
-    to race computes, at its first call, train.py's stage-2 loss written out by hand (RTOL: the variants reorder
+def test_stage2_speedups_are_before_over_after_and_each_path_computes_train_pys_loss(tiny, monkeypatch):
+    """bench_stage2's rows: before = the first path, after = each other, ms = 1e3 s, speedup = before / after,
+    img/s = batch / s, with the seconds race() gives (replaced here by known ones); and the step each path hands
+    to race computes, at its first call, train.py's stage-2 loss written out by hand (RTOL: the paths reorder
     float32 sums). DDPM's init zeroes the UNet's output conv, which would make that loss |x_0 - x_hat_0|^2 whatever
     x_t, t and the noise: the zeroed weights are Xavier-initialised here (in bench and by hand alike)."""
-    make_unet = bench.make_unet
-
-    def make_unet_without_zero_layers(*args, **kwargs):
-        net = make_unet(*args, **kwargs)
-        for m in net.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
-                torch.nn.init.xavier_uniform_(m.weight)
-        return net
-    monkeypatch.setattr(bench, "make_unet", make_unet_without_zero_layers)
-    seconds = {name: 0.01 * (k + 2) for k, name in enumerate(bench.STAGE2_VARIANTS)}
+    without_zero_layers(monkeypatch)
+    seconds = {name: 0.01 * (k + 2) for k, name in enumerate(bench.STEP_PATHS)}
     first_loss = {}
 
     def fake_race(fns, iters, rounds, device, warmup=1):
-        assert list(fns) == list(bench.STAGE2_VARIANTS)
+        assert list(fns) == list(bench.STEP_PATHS)
         first_loss.update({name: fn().item() for name, fn in fns.items()})
         return dict(seconds)
     monkeypatch.setattr(bench, "race", fake_race)
     rows = bench.bench_stage2("cpu", CPU, iters=1, rounds=1)
-    before, *afters = bench.STAGE2_VARIANTS
+    before, *afters = bench.STEP_PATHS
     batch = TINY["batch_size"]
     assert [r["after"] for r in rows] == afters
     for r in rows:
@@ -150,10 +163,9 @@ def test_stage2_speedups_are_before_over_after_and_each_variant_computes_train_p
         assert r["before_ms"] == pytest.approx(1e3 * s0) and r["after_ms"] == pytest.approx(1e3 * s1)
         assert r["speedup"] == pytest.approx(s0 / s1)
         assert r["before_img_s"] == pytest.approx(batch / s0) and r["after_img_s"] == pytest.approx(batch / s1)
-    by_hand = {border: stage2_first_loss_by_hand(border).item() for border in (0, 2)}
-    for name, flags in bench.STAGE2_VARIANTS.items():
-        assert first_loss[name] == pytest.approx(by_hand[flags[5]], rel=RTOL), name
-    assert abs(by_hand[2] / by_hand[0] - 1) > 1e-3  # the border variant trains another model: its loss differs
+    by_hand = stage2_first_loss_by_hand().item()
+    for name in bench.STEP_PATHS:
+        assert first_loss[name] == pytest.approx(by_hand, rel=RTOL), name
 
 
 def test_conv_flops_read_off_the_profiler_match_the_flop_counter():
@@ -167,7 +179,7 @@ def test_conv_flops_read_off_the_profiler_match_the_flop_counter():
     def step():
         h = F.conv2d(x, w1, stride=2, padding=1)   # (2, 6, 9, 9) -> (2, 8, 5, 5)
         h = F.conv2d(h, w2, groups=2)              # (2, 8, 5, 5) -> (2, 4, 5, 5), grouped 1x1
-        return F.conv_transpose2d(h, w3, stride=2, padding=1).sum()  # (2, 4, 5, 5) -> (2, 3, 10, 10), UpsampleConv's
+        return F.conv_transpose2d(h, w3, stride=2, padding=1).sum()  # (2, 4, 5, 5) -> (2, 3, 10, 10), TransposedUpConv
     with FlopCounterMode(display=False) as counter:
         step().backward()
     with profile(record_shapes=True) as prof:
@@ -180,13 +192,13 @@ def test_conv_flops_read_off_the_profiler_match_the_flop_counter():
 
 
 def test_the_transposed_up_conv_path_does_16_of_the_36_multiply_adds_of_each_upsampling(tiny):
-    """bench's fast_up flag reaches every UpsampleConv, and torch's FLOP count sees the saving: per upsampling conv
+    """bench's fast_up flag reaches every Upsample, and torch's FLOP count sees the saving: per upsampling conv
     and pass (forward, input gradient, weight gradient) 2 B C_in C_out H W (36 - 16) FLOPs fewer, H x W its input."""
     flops = {}
     for fast in (False, True):
         _, loss_fn, model = bench.train_step("unet", "cpu", 4, CPU, channels_last=False, fast_up=fast)
-        ups = [m for m in model.modules() if isinstance(m, UpsampleConv)]
-        assert len(ups) == 1 and ups[0].fast == fast  # TINY: two levels, one upsampling
+        ups = [m for m in model.modules() if isinstance(m, unet.Upsample)]
+        assert len(ups) == 1 and isinstance(ups[0], bench.TransposedUpsample) == fast  # TINY: one upsampling
         flops[fast] = bench.count_flops(loss_fn, model)
     B, C, H = 4, TINY["ch"] * TINY["ch_mult"][1], TINY["image_size"] // 2
     assert flops[False] - flops[True] == 3 * 2 * B * C * C * H * H * (36 - 16)
@@ -211,7 +223,8 @@ class FakeUNet2DModel(torch.nn.Module):
 
 
 def what_a_call_sees(model, x):
-    """(the input's layout, its 4-D weights' layout, the UpsampleConvs' fast flags, the input's values). A layout is
+    """(the input's layout, its 4-D weights' layout, whether each Upsample is a TransposedUpsample, the input's
+    values). A layout is
     'channels_last' when every 4-D tensor is NHWC and one is not also NCHW (a 1x1 kernel is both), else
     'contiguous' when every one is NCHW, else 'mixed'."""
     def layout_of(tensors):
@@ -220,14 +233,14 @@ def what_a_call_sees(model, x):
             return "channels_last"
         return "contiguous" if all(w.is_contiguous() for w in tensors) else "mixed"
     weights = [p for p in model.parameters() if p.dim() == 4]
-    fast = frozenset(m.fast for m in model.modules() if isinstance(m, UpsampleConv))
+    fast = frozenset(isinstance(m, bench.TransposedUpsample) for m in model.modules() if isinstance(m, unet.Upsample))
     return layout_of([x]), layout_of(weights), fast, x.detach().contiguous().clone()
 
 
 def test_diffusers_rows_run_each_model_on_the_same_batch_with_input_and_weights_in_the_rows_layout(tiny, monkeypatch):
     """bench_diffusers: each of the three models runs in both layouts with its input and every conv weight in that
     layout (a model in one format and its batch in another would time a layout conversion), all on the same batch;
-    ours with the transposed up-conv, its copy with nearest + conv; diffusers' model built to our preset's
+    ours with the core's nearest + conv, its copy with the transposed up-conv; diffusers' model built to our preset's
     architecture (TINY: two levels of 8 and 16 channels, attention at the 8x8 level only, one head of 16 channels)."""
     FakeUNet2DModel.configs.clear()
     FakeUNet2DModel.calls.clear()
@@ -239,12 +252,12 @@ def test_diffusers_rows_run_each_model_on_the_same_batch_with_input_and_weights_
         return model
     monkeypatch.setattr(bench, "build", build)
     rows = bench.bench_diffusers(FakeUNet2DModel, CPU, batch=2, iters=1, rounds=1)
-    models = ("ours (unet.UNet)", "ours, nearest+conv upsampling", "diffusers UNet2DModel")
+    models = ("ours (unet.UNet)", "ours, transposed up-conv", "diffusers UNet2DModel")
     assert {(r["model"], r["layout"]) for r in rows} == {(m, lay) for m in models for lay in ("contiguous", "channels_last")}
     seen = {(who, x_layout, w_layout, fast) for who, x_layout, w_layout, fast, _ in FakeUNet2DModel.calls}
     assert seen == {(who, lay, lay, fast) for lay in ("contiguous", "channels_last")
-                    for who, fast in (("ours", frozenset({True})), ("ours", frozenset({False})),
-                                      ("diffusers", frozenset({True})))}, seen
+                    for who, fast in (("ours", frozenset({False})), ("ours", frozenset({True})),
+                                      ("diffusers", frozenset({False})))}, seen
     x = FakeUNet2DModel.calls[0][-1]
     assert all(torch.equal(call[-1], x) for call in FakeUNet2DModel.calls)
     [config] = FakeUNet2DModel.configs
@@ -252,3 +265,73 @@ def test_diffusers_rows_run_each_model_on_the_same_batch_with_input_and_weights_
     assert config["down_block_types"] == ("DownBlock2D", "AttnDownBlock2D")
     assert config["up_block_types"] == ("AttnUpBlock2D", "UpBlock2D")
     assert config["attention_head_dim"] == 16 and config["norm_num_groups"] == 8
+
+
+def random_weights(model):
+    """Every parameter redrawn at random (the zero-initialised convs too), so each path's every layer matters."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def test_transposed_up_conv_is_nearest_x2_then_3x3_conv_values_and_gradients():
+    """The reference upsamples by repeating every pixel into a 2x2 block, then convolves: the layer's definition, in
+    float64, values and gradients."""
+    torch.manual_seed(0)
+    layer = bench.TransposedUpConv(5, 4, 3, 1, 1).double()
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)                       # (3, 5, 12, 14)
+    expected = F.conv2d(up, layer.weight, layer.bias, padding=1)                         # (3, 4, 12, 14)
+    out = layer(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, rtol=0, atol=1e-13 * expected.abs().max().item())
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+    want = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13 * b.abs().max().item())
+
+
+def test_code_paths_keep_the_parameters_and_compute_the_core_models_function(tiny):
+    """code_path patches every upsampling of the UNet and of the VAE's decoder (3 up blocks) and every ResBlock,
+    keeping the state_dict; the in-place ResBlocks compute the same values in the same order as the core's (outputs
+    and every gradient bit for bit, with and without a graph), and the transposed up-convs the same function
+    (float64)."""
+    import copy
+    net = random_weights(bench.build("unet", "cpu", CPU)).double()
+    vae = random_weights(bench.build("vae", "cpu", CPU)).double()
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    t, cond = torch.tensor([0, 500, 999]), torch.randn_like(x)
+    g = torch.randn_like(x)
+    in_place = bench.code_path(copy.deepcopy(net), in_place=True)
+    assert sum(isinstance(m, bench.InPlaceResBlock) for m in in_place.modules()) == \
+        sum(isinstance(m, unet.ResBlock) for m in net.modules()) > 0
+    for m in (net, in_place):
+        (m(x, t, cond) * g).sum().backward()
+    with torch.inference_mode():
+        assert torch.equal(net(x, t, cond), in_place(x, t, cond))
+    for (name, p), q in zip(net.named_parameters(), in_place.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for model, fn in ((net, lambda m: m(x, t, cond)), (vae, lambda m: m.decode(torch.randn(3, 8, dtype=torch.float64,
+                                                                        generator=torch.Generator().manual_seed(1))))):
+        fast = bench.code_path(copy.deepcopy(model), fast_up=True)
+        assert fast.state_dict().keys() == model.state_dict().keys()
+        assert sum(isinstance(m, bench.TransposedUpConv) for m in fast.modules()) == (1 if model is net else 3)
+        assert not any(isinstance(m, torch.nn.Upsample) for m in fast.modules())
+        with torch.no_grad():
+            expected, out = fn(model), fn(fast)
+        assert torch.allclose(out, expected, rtol=0, atol=1e-12 * expected.abs().max().item())
+
+
+def test_in_place_resblock_gradients():
+    """The adds into the conv outputs are in place under autograd too: torch.autograd.gradcheck compares the
+    analytic gradients with central differences in float64."""
+    torch.manual_seed(0)
+    block = bench.InPlaceResBlock(4, 6, temb_ch=8, dropout=0.0, groups=2).double()
+    with torch.no_grad():
+        block.conv2.weight.normal_(0, 0.2)  # zero-initialised: give its gradient path a slope
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    temb = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x, temb), eps=1e-6, atol=1e-7)

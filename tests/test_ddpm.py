@@ -258,7 +258,7 @@ def test_truncated_timesteps_span_0_to_t_start_by_the_same_formula(diff, spacing
     assert taus.tolist() == [round(t_s * (i / (S - 1)) ** p) for i in range(S)]
     assert torch.equal(ddpm.ddim_timesteps(T, t_s + 1, spacing, t_start=t_s), torch.arange(t_s + 1))
     assert torch.equal(ddpm.ddim_timesteps(T, S, spacing, t_start=T - 1), ddpm.ddim_timesteps(T, S, spacing))
-    d = diff.respace(S, spacing, t_start=t_s)  # the respaced process keeps alpha-bar on the truncated subsequence
+    d = diff.respace_to(taus)  # the respaced process keeps alpha-bar on the truncated subsequence
     assert torch.allclose(d.alphas_cumprod, diff.alphas_cumprod[taus], rtol=1e-12)
     for bad in (-1, T):
         with pytest.raises(ValueError, match="t_start must be between 0 and T - 1"):
@@ -285,8 +285,8 @@ def test_quadratic_timesteps_follow_their_formula_and_stay_distinct():
 
 @pytest.mark.parametrize("spacing", ddpm.SPACINGS)
 def test_respaced_process_keeps_alpha_bar_on_its_subsequence(diff, spacing):
-    d = diff.respace(10, spacing)
     taus = ddpm.ddim_timesteps(T, 10, spacing)
+    d = diff.respace_to(taus)
     assert torch.allclose(d.alphas_cumprod, diff.alphas_cumprod[taus], rtol=1e-12)
     assert torch.equal(d.timestep_map, taus)
 

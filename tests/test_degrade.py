@@ -1,12 +1,16 @@
-"""degrade.py: each degradation checked against the statement in its docstring. Exact statements to float
+"""tools/degrade.py: each degradation checked against the statement in its docstring. Exact statements to float
 precision; Monte Carlo ones to 4 standard errors (SE) of their estimator, the SE derived in the test."""
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 
-from degrade import (DEGRADATIONS, LABELS, down_up, gaussian_blur, gaussian_kernel1d, gaussian_noise,
-                     parse_degradation, psnr)
+from test_pipeline import data_dir, trained  # noqa: F401 (fixtures: a tiny trained run)
+from tools import degrade, evaluate
+from tools.degrade import (DEGRADATIONS, LABELS, down_up, gaussian_blur, gaussian_kernel1d, gaussian_noise,
+                           parse_degradation, psnr)
 
 Z = 4  # Monte Carlo tolerance in standard errors: a two-sided 4-SE miss has probability 6e-5
 
@@ -220,3 +224,18 @@ def test_parse_degradation_rejects_an_unknown_name_listing_the_valid_ones():
     assert parse_degradation("blur2.0") is DEGRADATIONS["blur2.0"]
     with pytest.raises(ValueError, match="noise0.1, noise0.3, blur1.0, blur2.0, downup2, downup4"):
         parse_degradation("jpeg")
+
+
+def test_the_degrade_table_reports_every_degradation(trained, data_dir, tmp_path, capsys):
+    classifier = str(tmp_path / "classifier.pt")
+    evaluate.save_classifier(evaluate.FeatureNet(width=8, feature_dim=16), 0.5, classifier)  # tiny, untrained
+    out = str(tmp_path / "degrade")
+    with pytest.raises(SystemExit, match="no classifier"):
+        degrade.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--n", "4", "--steps", "2", "--data_dir", data_dir,
+                      "--out", out, "--classifier", str(tmp_path / "missing.pt")])
+    degrade.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--n", "4", "--steps", "2", "--data_dir", data_dir,
+                  "--out", out, "--classifier", classifier])
+    printed, arrays = capsys.readouterr().out, np.load(out + ".npz")
+    # every degradation and the VAE reconstruction get a table row and their arrays
+    assert all(LABELS[k] in printed for k in DEGRADATIONS) and "vae recon" in printed
+    assert arrays["noise0.3_in"].shape == arrays["noise0.3_refined"].shape == (4, 1, 32, 32)

@@ -7,7 +7,6 @@ import torch
 
 import ddpm
 import diffusevae as DV
-from data import to_model_range
 from ddpm import extract
 from oracles import full, gaussian_eps_oracle, linear_schedule_by_hand
 from test_ddpm import bayes_posterior_on_grid
@@ -105,7 +104,7 @@ def test_form2_sampler_starts_at_x_hat0_plus_noise_and_removes_the_shift(diff):
     # one DDIM step from t = T-1 straight to x_0 with the exact denoiser: x_T = x_hat_0 + z, output = x_0-hat
     m, s = 0.25, 0.5
     x_hat0, z = f64(-0.7).reshape(1, 1), f64(0.3).reshape(1, 1)
-    out = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=1, x_T_noise=z, clip_x0=False)
+    out = DV.refine(shifted_oracle(diff, m, s), diff, x_hat0, form=2, steps=1, noise=z, clip_x0=False)
     t = full(T - 1)
     x_T = x_hat0 + z
     expected = DV.form2_predict_x0_from_eps(diff, x_T, t, x_hat0, shifted_oracle(diff, m, s)(x_T, t, x_hat0))
@@ -132,7 +131,7 @@ def test_truncated_start_is_the_forward_marginal_at_x0_equal_x_hat0(diff, form):
     assert (x.mean(0) - mean).abs().max() < 4 * sd / math.sqrt(N)
     assert (x.std(0) - sd).abs().max() < 4 * sd / math.sqrt(2 * N)
     with pytest.raises(ValueError, match="needs x_hat_0"):
-        DV.refine(model, diff, None, form=1, steps=1, t_start=t_s, shape=(2, 4))
+        DV.refine(model, diff, None, form=1, steps=1, t_start=t_s, noise=torch.zeros(2, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("form", [1, 2])
@@ -160,13 +159,16 @@ def test_form1_and_unconditional_baseline_share_the_sampler(diff):
     g = torch.Generator().manual_seed(4)
     x1 = DV.refine(cond_model, diff, x_hat0, form=1, steps=T, sampler="ddpm", generator=g, clip_x0=False)
     uncond = lambda x, t, c: (base(x, t) if c is None else None)
-    x2 = DV.refine(uncond, diff, None, form=1, steps=T, sampler="ddpm", shape=(N, 1),
-                   generator=torch.Generator().manual_seed(4), clip_x0=False)
+    g2 = torch.Generator().manual_seed(4)
+    x_T = torch.randn(N, 1, generator=g2, dtype=torch.float64)  # the unconditional model's noise sets the shape
+    x2 = DV.refine(uncond, diff, None, form=1, steps=T, sampler="ddpm", noise=x_T, generator=g2, clip_x0=False)
     for x in (x1, x2):
         assert abs(x.mean().item() - m) < 4 * s / math.sqrt(N)
         assert abs(x.std().item() - s) < 4 * s / math.sqrt(2 * N)
     with pytest.raises(ValueError, match="form"):
-        DV.refine(cond_model, diff, None, form=2, shape=(2, 1))
+        DV.refine(cond_model, diff, None, form=2, noise=torch.zeros(2, 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="pass noise"):  # no x_hat_0 and no noise: nothing gives the shape
+        DV.refine(uncond, diff, None, form=1, steps=1)
 
 
 def point_mass_oracle(diff, c, form):
@@ -413,135 +415,45 @@ def test_a_residual_is_taken_from_the_input_the_network_saw_so_its_null_branch_p
     assert torch.allclose(guided, (1 + w) * cond_eps - w * null_eps, atol=1e-12)
 
 
-def test_sample_start_is_sample_t_start_else_t_start_and_none_for_the_full_chain():
-    assert DV.sample_start(dict(t_start=300, sample_t_start=100)) == 100
-    assert DV.sample_start(dict(t_start=300, sample_t_start=None)) == 300
-    assert DV.sample_start(dict(t_start=300)) == 300                     # checkpoints from before sample_t_start
-    assert DV.sample_start(dict(t_start="full", sample_t_start=None)) is None
-    assert DV.sample_start({}) is None                                   # checkpoints from before t_start
-
-
-def test_sample_py_guides_by_the_checkpoints_weight_unless_told_and_never_without_x_hat0():
-    import sample
+def checkpoint_config(argv):
+    """The config a stage-2 checkpoint of `train.py argv` stores (train.save_checkpoint: the preset with --set, plus
+    form and cond), which sample.start_of reads."""
     import train
-    opts = lambda *a: sample.parse_args(list(a))
-    assert sample.guidance_of(opts(), dict(sample_guidance=0.5), torch.zeros(1)) == 0.5
-    assert sample.guidance_of(opts("--guidance", "2"), dict(sample_guidance=0.5), torch.zeros(1)) == 2.0
-    assert sample.guidance_of(opts("--guidance", "0"), dict(sample_guidance=0.5), torch.zeros(1)) == 0.0
-    assert sample.guidance_of(opts(), {}, torch.zeros(1)) == 0.0                    # checkpoints from before it
-    assert sample.guidance_of(opts(), dict(sample_guidance=0.5), None) == 0.0       # the unconditional model
-    for flags in (["--cond", "none"], ["--cond_drop", "0"]):                        # nothing learnt to guide by
-        assert train.parse_args(["--stage", "ddpm", *flags])[1]["sample_guidance"] == 0.0
-    assert train.parse_args(["--stage", "ddpm", "--cond", "none"])[1]["param"] == "eps"  # baseline: no x_hat_0
+    args, cfg = train.parse_args(argv)
+    return dict(cfg, form=args.form, cond=args.cond)
+
+
+def test_start_of_is_the_given_t_start_else_the_trained_one_and_none_for_the_full_chain():
+    import sample
+    cfg = lambda t_start, cond="vae": dict(t_start=t_start, cond=cond, T=1000)
+    assert sample.start_of(cfg(300), 100) == 100                       # a start given at sampling time wins
+    assert sample.start_of(cfg(300), None) == 300                      # else the top of the trained range
+    assert sample.start_of(cfg(300)) == 300
+    assert sample.start_of(cfg("full")) is None                        # trained on every t: the full chain
+    assert sample.start_of(cfg("full", cond="none")) is None           # the unconditional baseline
 
 
 def test_the_cpu_preset_samples_from_the_top_of_its_training_range_unless_told():
+    import sample
     import train
-    cfg = train.parse_args(["--stage", "ddpm"])[1]
-    assert DV.sample_start(cfg) == cfg["t_start"] == 110
-    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--sample_t_start", "50"])[1]) == 50
-    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "100"])[1]) == 100
-    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--t_start", "full"])[1]) is None
-    assert DV.sample_start(train.parse_args(["--stage", "ddpm", "--cond", "none"])[1]) is None
+    cfg = checkpoint_config(["--stage", "ddpm"])
+    assert sample.start_of(cfg) == cfg["t_start"] == 110
+    assert sample.start_of(cfg, 50) == 50
+    assert sample.start_of(checkpoint_config(["--stage", "ddpm", "--set", "t_start=100"])) == 100
+    assert sample.start_of(checkpoint_config(["--stage", "ddpm", "--set", "t_start=full"])) is None
+    assert sample.start_of(checkpoint_config(["--stage", "ddpm", "--cond", "none"])) is None
+    assert train.parse_args(["--stage", "ddpm", "--cond", "none"])[1]["param"] == "eps"  # baseline: no x_hat_0
 
 
 def test_ch_and_ch_mult_set_the_widths_of_the_stage_2_unet_only():
     import train
+    from unet import UNet
     base = train.parse_args(["--stage", "ddpm"])[1]
-    cfg = train.parse_args(["--stage", "ddpm", "--ch", "16", "--ch_mult", "1", "4", "4"])[1]
+    cfg = train.parse_args(["--stage", "ddpm", "--set", "ch=16", "ch_mult=[1,4,4]"])[1]
     assert (cfg["ch"], cfg["ch_mult"]) == (16, [1, 4, 4])
     assert {k: v for k, v in cfg.items() if k not in ("ch", "ch_mult")} == \
-        {k: v for k, v in base.items() if k not in ("ch", "ch_mult")}
-    net = train.make_unet(cfg, img_ch=1, cond_ch=1)
+        {k: v for k, v in base.items() if k not in ("ch", "ch_mult")}   # the VAE's vae_ch, z_dim among them
+    # the stage-2 UNet built from these keys, as train.start builds it
+    net = UNet(img_ch=1, cond_ch=1, **{k: cfg[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions",
+                                                           "dropout", "image_size", "norm_groups")})
     assert net.config["ch"] == 16 and net.conv_in.out_channels == 16 and net.mid[0].conv1.out_channels == 64
-    assert train.make_vae(cfg, 1).config == train.make_vae(base, 1).config
-
-
-# ----------------------------------------------------------------------------- the constant frame (train.py --border)
-
-def framed(x, border=2):
-    """x's content inside a frame of FRAME_VALUE, as data.py pads Fashion-MNIST (zeros, -1 in [-1, 1])."""
-    return DV.with_frame(DV.content(x, border), border)
-
-
-def test_content_and_with_frame_are_inverse_on_framed_images():
-    x = torch.rand(3, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
-    c = DV.content(x, 2)
-    assert c.shape == (3, 2, 4, 4) and torch.equal(c, x[..., 2:6, 2:6])
-    y = DV.with_frame(c, 2)
-    assert torch.equal(DV.content(y, 2), c) and torch.equal(DV.with_frame(DV.content(y, 2), 2), y)
-    assert (y[..., :2, :] == DV.FRAME_VALUE).all() and (y[..., :, -2:] == DV.FRAME_VALUE).all()
-    assert not torch.equal(y, x)  # x's own frame was not the constant: the pair is inverse on framed images only
-    cl = x.contiguous(memory_format=torch.channels_last)
-    assert DV.content(cl, 2).is_contiguous(memory_format=torch.channels_last)  # the network's layout is kept
-    assert DV.content(x, 0) is x and DV.with_frame(x, 0) is x
-    assert to_model_range(torch.zeros(1, dtype=torch.uint8)).item() == DV.FRAME_VALUE  # data.py pads with 0
-
-
-@pytest.mark.parametrize("form,param", [(1, "eps"), (2, "eps"), (2, "residual")])
-def test_ddpm_loss_with_a_border_is_the_loss_of_the_content(diff, form, param):
-    # the network sees, and is scored on, the content only; the frame changes nothing
-    g = torch.Generator().manual_seed(11)
-    x0, x_hat0 = (torch.randn(5, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    noise = torch.randn(5, 1, 4, 4, generator=g, dtype=torch.float64)
-    t = torch.tensor([0, 3, 99, 500, 999])
-    shapes = []
-
-    def model(x_t, tt, cond):
-        shapes.append((x_t.shape, cond.shape))
-        return 0.3 * x_t - 0.2 * cond
-    got, _ = DV.ddpm_loss(model, diff, x0, x_hat0, form=form, t=t, noise=noise, param=param, border=2)
-    ref, _ = DV.ddpm_loss(model, diff, DV.content(x0, 2), DV.content(x_hat0, 2), form=form, t=t, noise=noise,
-                          param=param)
-    assert shapes[0] == ((5, 1, 4, 4),) * 2 and torch.equal(got, ref)
-    other, _ = DV.ddpm_loss(model, diff, framed(x0), framed(x_hat0, 2), form=form, t=t, noise=noise, param=param,
-                            border=2)
-    assert torch.equal(other, got)
-
-
-@pytest.mark.parametrize("form,t_start", [(1, None), (2, None), (2, 50)])
-def test_refine_with_a_border_refines_the_content_and_restores_the_frame(diff, form, t_start):
-    g = torch.Generator().manual_seed(12)
-    x_hat0 = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
-    noise = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
-    model = lambda x, t, c: 0.5 * (x - c) + 0.01 * t.view(-1, 1, 1, 1)  # any network of the content's size
-    got = DV.refine(model, diff, x_hat0, form=form, steps=5, t_start=t_start, x_T_noise=noise, border=2,
-                    sampler="ddpm", generator=torch.Generator().manual_seed(1))
-    ref = DV.refine(model, diff, DV.content(x_hat0, 2), form=form, steps=5, t_start=t_start,
-                    x_T_noise=DV.content(noise, 2), sampler="ddpm", generator=torch.Generator().manual_seed(1))
-    assert got.shape == x_hat0.shape and torch.equal(DV.content(got, 2), ref)
-    assert torch.equal(got, DV.with_frame(ref, 2))  # the frame is the data's value, whatever x_hat_0 had there
-    # the unconditional model: a whole-image shape in, a framed sample out
-    x = DV.refine(lambda x, t, c: 0.1 * x, diff, None, form=1, steps=3, shape=(2, 1, 8, 8), border=2,
-                  generator=torch.Generator().manual_seed(2))
-    assert x.shape == (2, 1, 8, 8) and torch.equal(x, framed(x))
-
-
-def test_bound_bpd_with_a_border_spreads_the_content_bound_and_the_frame_costs_nothing(diff):
-    # the framed model puts the frame at its value with probability 1 (0 bits); the content's DDPM bound is
-    # divided among all dimensions, the latent's KL as before
-    B, K = 3, 3
-    g = torch.Generator().manual_seed(13)
-    x0 = framed(torch.randint(0, 256, (B, 1, 6, 6), generator=g).double() / 127.5 - 1, border=2)  # 2x2 content
-    base = gaussian_eps_oracle(diff, 0.1, 0.5)
-
-    class FramedAffineVAE(AffineVAE):  # the stand-in VAE of whole 6x6 images
-        def encode(self, x):
-            return super().encode(DV.content(x, 2))
-
-        def decode(self, z):
-            return DV.with_frame(super().decode(z), 2)
-    vae = FramedAffineVAE(4, K, seed=14)
-    torch.manual_seed(9)
-    got = DV.bound_bpd(lambda x, t, c: base(x - c, t), diff, x0, vae=vae, form=2, border=2)
-    torch.manual_seed(9)
-    mu, logvar = vae.encode(x0)
-    torch.randn_like(mu)  # the z draw
-    content_bpd = diff.vlb_terms_bpd(base, DV.content(x0, 2))["total"]
-    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1) / (36 * math.log(2))
-    assert torch.allclose(got["ddpm"], content_bpd * 4 / 36, rtol=1e-12, atol=0)
-    assert torch.allclose(got["total"], content_bpd * 4 / 36 + kl, rtol=1e-12, atol=0)
-    x_bad = x0.clone()
-    x_bad[0, 0, 0, 0] = 0.0  # a pixel in the frame that is not the frame's value
-    with pytest.raises(ValueError, match="outer 2 pixels"):
-        DV.bound_bpd(lambda x, t, c: base(x - c, t), diff, x_bad, vae=vae, form=2, border=2)

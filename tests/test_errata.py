@@ -88,8 +88,8 @@ def test_diffusevae_elbo_terms_need_a_log(ppca):  # noqa: F811
     # [DiffuseVAE] prints E[p(y|z)] - KL; with the log, the ELBO equals log p(x) at the exact posterior (PPCA)
     mu, logvar = ppca["post_mu"], ppca["post_logvar"]
     N = 100000
-    rec, kl = elbo_terms(ppca, mu, logvar, N, seed=7)
-    with_log = rec - kl
+    with_log, rec, kl = elbo_terms(ppca, mu, logvar, N, seed=7)  # with_log = -vae.negative_elbo = rec - kl
+    assert torch.allclose(with_log, rec - kl, rtol=1e-12, atol=1e-12)  # the terms the printed form exponentiates
     without_log = rec.exp() - kl
     se = with_log.std().item() / math.sqrt(N)
     assert abs(with_log.mean().item() - ppca["log_px"]) < 4 * se

@@ -7,8 +7,9 @@ import torch
 
 import sample
 import train
-from checkpoint import CheckpointError, load, save_atomic
-from test_pipeline import TINY, make_fashion, train_both, write_idx
+from runtime import CheckpointError, save_atomic
+from runtime import load_checkpoint as load
+from test_pipeline import TINY, make_fashion, train_both
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,19 @@ def fails_with(fn, argv, *fragments, capsys=None):
     for f in fragments:
         assert f in message, message
     return message
+
+
+def argparse_fails_with(fn, argv, capsys, *fragments):
+    """fails_with for a usage error: argparse's p.error, exit status 2, the usage and message on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage:" in err, (e.value.code, err)
+    said = err.split(" (got {")[0]  # what the message says, without the configuration it may print after it
+    for f in fragments:
+        assert f in said, err
+    return err
 
 
 def test_ddpm_stage_before_a_vae_exists(tmp_path, data_dir):
@@ -70,57 +84,90 @@ def test_checkpoint_whose_model_does_not_fit_the_dataset(run, data_dir, tmp_path
     from PIL import Image
     for i in range(10):
         Image.new("RGB", (40, 40), (i * 20, 100, 50)).save(folder / f"{i}.png")
-    fails_with(train.main, ["--stage", "ddpm", "--dataset", "folder", "--data_dir", str(folder), "--out_dir",
+    fails_with(train.main, ["--stage", "ddpm", "--set", "dataset=folder", "--data_dir", str(folder), "--out_dir",
                             str(tmp_path), "--vae_ckpt", os.path.join(run, "vae.pt"), *TINY], "1x32", "3x32")
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--steps", "1001"], "more than the T = 1000"),
-    (["--steps", "0"], "at least 1"),
-    (["--eta", "-0.1"], "--eta must be >= 0"),
-    (["--t_start", "111"], "trained on the code timesteps 0..110 only"),  # the cpu preset's range
-    (["--t_start", "full"], "trained on the code timesteps 0..110 only"),
+@pytest.mark.parametrize("old", ["z-conditioned", "renamed weights"])
+def test_a_stage_2_checkpoint_of_an_older_code_version_says_to_retrain(run, tmp_path, old):
+    # checkpoints the code wrote before its refactor: a z-conditioned refiner (--z_cond: model_args z_dim, weights
+    # z_emb.*), and a network whose weights no longer have this code's names. Both are refused with a message, not a
+    # traceback, that says to retrain.
+    ck = load(os.path.join(run, "ddpm.pt"))
+    if old == "z-conditioned":
+        ck["model_args"]["z_dim"] = 32
+        temb = ck["ema"]["temb.0.weight"].shape[0] * 4
+        for name in ("model", "ema"):
+            ck[name].update({"z_emb.weight": torch.zeros(temb, 32), "z_emb.bias": torch.zeros(temb)})
+    else:
+        for name in ("model", "ema"):
+            ck[name] = {k.replace("conv_in.", "input_conv."): v for k, v in ck[name].items()}
+    path = tmp_path / "old.pt"
+    torch.save(ck, path)
+    fails_with(sample.main, ["--ckpt", str(path), "--steps", "2", "--n", "2", "--out", str(tmp_path / "s")],
+               str(path), "from another version of the code", "retrain")
+
+
+def test_a_stage_1_checkpoint_of_the_older_code_written_mid_run_still_serves_stage_2(run, data_dir, tmp_path):
+    # the older code's VAE checkpoints written before the end of stage 1 (every ckpt_every steps, or on a signal) carry
+    # no "prior" entry; their weights are this code's (vae.py keeps the names), and the older stage 2 used them with
+    # z ~ N(0, I). Stage 2 still does: no traceback, a trained refiner whose VAE has no ex-post prior.
+    ck = load(os.path.join(run, "vae.pt"))
+    del ck["prior"]
+    path = tmp_path / "old_vae.pt"
+    torch.save(ck, path)
+    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", str(tmp_path / "r"), "--vae_ckpt", str(path),
+                "--steps", "1", *TINY])
+    refiner = load(str(tmp_path / "r" / "ddpm.pt"))
+    assert refiner["step"] == 1 and refiner["vae"]["prior"] is None
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--steps", "1001"], ["--steps must be between 1 and 111 (the timesteps 0..110)"]),  # the cpu preset's range
+    (["--steps", "0"], ["--steps", "at least 1"]),
+    (["--eta", "-0.1"], ["--eta", "at least 0"]),
+    (["--guidance", "-1"], ["--guidance", "at least 0"]),
+    (["--t_start", "111"], ["trained on the code timesteps 0..110", "start it there or below"]),
+    (["--t_start", "full"], ["trained on the code timesteps 0..110 only", "give --t_start 110 or below"]),
+    (["--t_start", "x"], ["--t_start", "takes a code timestep", "'full'"]),
+    (["--mode", "arith"], ["--mode arith needs --arith ATTR BASE"]),
 ])
-def test_bad_sampling_arguments(run, argv, fragment, capsys):
-    fails_with(sample.main, ["--ckpt", os.path.join(run, "ddpm.pt"), *argv], fragment, capsys=capsys)
+def test_bad_sampling_arguments(run, argv, fragments, capsys):
+    fails_with(sample.main, ["--ckpt", os.path.join(run, "ddpm.pt"), *argv], *fragments, capsys=capsys)
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["--preset", "imagenet"], "unknown preset"),
-    (["--form", "3"], "unknown form"),
-    (["--cond", "text"], "unknown --cond"),
-    (["--sample_t_start", "111"], "--sample_t_start must be in 0..t_start (110)"),
-    (["--t_start", "100", "--sample_t_start", "200"], "--sample_t_start must be in 0..t_start (100)"),
-    (["--cond_drop", "0", "--sample_guidance", "1"], "--sample_guidance must be >= 0, and > 0 only with --cond_drop"),
-    (["--cond_drop", "0.1", "--sample_guidance", "-1"], "--sample_guidance must be >= 0"),
-    (["--cond", "none", "--sample_guidance", "1"], "the unconditional baseline"),
-    (["--ch", "20"], "--ch must be a multiple of the preset's norm_groups (8)"),
-    (["--ch", "0"], "--ch must be at least 1"),
-    (["--ch_mult", "1", "2"], "--ch_mult takes 3 integers >= 1"),
-    (["--ch_mult", "1", "0", "2"], "--ch_mult takes 3 integers >= 1"),
-    (["--border", "1"], "--border must be >= 0 and leave a content side"),   # 30 is not divisible by 4
-    (["--border", "-2"], "--border must be >= 0"),
-    (["--border", "16"], "--border must be >= 0 and leave a content side"),  # nothing left
+@pytest.mark.parametrize("argv,fragments", [
+    (["--preset", "imagenet"], ["--preset: invalid choice: 'imagenet'", "choose from", "'paper'"]),
+    (["--form", "3"], ["--form: invalid choice: 3", "choose from"]),
+    (["--cond", "text"], ["--cond: invalid choice: 'text'", "choose from"]),
+    (["--steps", "0"], ["invalid configuration", "steps", "at least 1"]),
+    # --set: a key of the preset, with a value of that key's type; else the message names the keys / the type
+    (["--set", "lrr=1e-3"], ["--set lrr=1e-3: no key 'lrr' in the preset; its keys are", "batch_size, ", "vae_lr"]),
+    (["--set", "batch_size=8", "--set", "warmups=3"], ["no key 'warmups' in the preset; its keys are", "warmup"]),
+    (["--set", "lr=fast"], ["--set lr=fast: lr takes a float like 0.001"]),
+    (["--set", "batch_size=8.5"], ["--set batch_size=8.5: batch_size takes a int like 64"]),
+    (["--set", "batch_size"], ["--set batch_size: batch_size takes a int like 64"]),
+    (["--set", "ch_mult=4"], ["--set ch_mult=4: ch_mult takes a list like [1, 2, 2]"]),
+    (["--set", "t_start=1000"], ["invalid configuration", "t_start is 0..T-1 or 'full'"]),
+    (["--stage", "ddpm", "--set", "cond_drop=1.0"], ["cond_drop (the fraction of examples trained without x_hat_0) "
+                                                     "is in [0, 1)"]),
+    (["--stage", "ddpm", "--set", "param=noise"], ["param is one of ('eps', 'x0', 'residual', 'v')"]),
+    (["--set", "subset=-1"], ["invalid configuration", "subset", "0: every image"]),
+    (["--set", "ch=0"], ["invalid configuration", "ch a positive multiple of norm_groups"]),
+    # the UNet's shape: a width its GroupNorms divide, one ch_mult >= 1 per level (the 8x8 attention is level 3)
+    (["--stage", "ddpm", "--set", "ch=20"], ["ch", "multiple of", "norm_groups"]),
+    (["--stage", "ddpm", "--set", "ch_mult=[1,2]"], ["ch_mult"]),
+    (["--stage", "ddpm", "--set", "ch_mult=[1,0,2]"], ["ch_mult"]),
 ])
-def test_bad_training_arguments(argv, fragment, capsys):
-    fails_with(train.main, ["--stage", "vae", *argv], fragment, capsys=capsys)
+def test_bad_training_arguments(argv, fragments, capsys):
+    # argparse's own error (exit status 2, the usage first) at parse time: before any data, model or output folder
+    stage = [] if "--stage" in argv else ["--stage", "vae"]
+    argparse_fails_with(train.parse_args, [*stage, *argv], capsys, *fragments)
 
 
-def test_a_border_over_the_images_content_is_refused(tmp_path, run):
-    # a bright pixel at (1, 1) of the 28x28 image is at (3, 3) of the padded 32x32 one: in its outer 4 px
-    imgs, labels = np.zeros((16, 28, 28), np.uint8), np.arange(16) % 10
-    imgs[:, 14, 14], imgs[3, 1, 1] = 100, 255
-    for split in ("train", "t10k"):
-        write_idx(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), imgs, 0x803)
-        write_idx(str(tmp_path / f"{split}-labels-idx1-ubyte.gz"), labels, 0x801)
-    fails_with(train.main, ["--stage", "ddpm", "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "r"),
-                            "--vae_ckpt", os.path.join(run, "vae.pt"), "--border", "4", "--steps", "1", *TINY],
-               "--border 4: the training images are not 0 in their outer 4 pixels", "--border 0")
-
-
-def test_resuming_with_another_border_says_which_border_the_run_had(run, data_dir):
-    fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", run, "--border", "2",
-                            "--steps", "3", "--resume", *TINY], "its border was 0: add --border 0")
+def test_resuming_with_another_model_says_to_resume_with_the_same_settings(run, data_dir):
+    fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", run, "--steps", "3", "--resume",
+                            *TINY, "--set", "ch=16"], "holds a model with", "resume with the same --preset and --set")
 
 
 def test_unwritable_output_directory(run, data_dir, tmp_path):
@@ -145,11 +192,12 @@ def test_a_trained_model_is_never_overwritten(run, data_dir):
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run, data_dir, tmp_path):
-    ck = str(tmp_path / "nan.pt")
-    train.main(["--stage", "vae", "--data_dir", data_dir, "--ckpt", ck, "--steps", "2", *TINY])
+    out = str(tmp_path / "nan")
+    ck = os.path.join(out, "vae.pt")
+    train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "2", *TINY])
     before = open(ck, "rb").read()
-    message = fails_with(train.main, ["--stage", "vae", "--data_dir", data_dir, "--ckpt", ck, "--steps", "40",
-                                      "--resume", "--lr", "1e12", *TINY], "at step", "last good checkpoint")
+    message = fails_with(train.main, ["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "40",
+                                      "--resume", *TINY, "--set", "vae_lr=1e12"], "at step", "last good checkpoint")
     assert "loss is" in message or "non-finite" in message
     assert open(ck, "rb").read() == before
 

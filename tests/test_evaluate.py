@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate as ev
+from tools import evaluate as ev
 from test_pipeline import data_dir, trained  # noqa: F401 (fixtures: a tiny trained run)
 
 def random_spd(rng, d):
@@ -220,7 +220,7 @@ def test_augment_moves_pixels_and_keeps_the_image():
 
 
 def test_blur_augment_blurs_a_fraction_p_each_with_one_of_its_sigmas():
-    from degrade import gaussian_blur
+    from tools.degrade import gaussian_blur
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4000, 1, 12, 12, generator=g) * 2 - 1
     sigmas = (0.5, 1.5)

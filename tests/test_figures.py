@@ -1,9 +1,11 @@
-"""The loss-curve helpers of figures.py: the y axis covers every finite value on the scale its rule picks
-(the VAE's loss goes below 0, where a log axis draws nothing), and the EMA stays inside the raw series."""
+"""tools/figures.py, and the loss-curve helpers of data.py it leaves train.py to: the y axis covers every finite
+value on the scale its rule picks (the VAE's loss goes below 0, where a log axis draws nothing), and the EMA stays
+inside the raw series."""
 import numpy as np
 import pytest
 
-import figures
+from data import loss_axis, save_loss_curve, smooth
+from tools import figures
 
 
 def covers(limits, values):
@@ -14,70 +16,70 @@ def covers(limits, values):
 
 def test_axis_for_a_positive_series_within_two_decades_is_linear_and_covers_it():
     values = np.linspace(5.0, 0.08, 40) + 0.01 * np.sin(np.arange(40))  # max/min ~ 60
-    scale, limits = figures.loss_axis(values)
+    scale, limits = loss_axis(values)
     assert scale == "linear" and covers(limits, values)
 
 
 def test_axis_for_a_positive_series_over_two_decades_is_log_and_covers_it():
     values = 1e3 * np.exp(-np.linspace(0, 10, 50))  # 1000 -> 0.045: more than 4 decades
-    scale, limits = figures.loss_axis(values)
+    scale, limits = loss_axis(values)
     assert scale == "log" and limits[0] > 0 and covers(limits, values)
 
 
 def test_axis_for_a_sign_changing_series_is_symlog_and_covers_it():
     values = 700 * np.exp(-np.linspace(0, 5, 30)) - 250  # a VAE loss falling through 0: +450 -> -245
-    scale, limits = figures.loss_axis(values)
+    scale, limits = loss_axis(values)
     assert scale == "symlog" and covers(limits, values)
 
 
 @pytest.mark.parametrize("c", [3.5, -2.0, 0.0])
 def test_axis_for_a_constant_series_is_a_band_around_it(c):
-    scale, limits = figures.loss_axis([c] * 10)
+    scale, limits = loss_axis([c] * 10)
     assert scale == "linear" and covers(limits, [c])
 
 
 def test_axis_ignores_non_finite_values():
-    scale, limits = figures.loss_axis([2.0, np.nan, 1.0, np.inf, -np.inf, 1.5])
+    scale, limits = loss_axis([2.0, np.nan, 1.0, np.inf, -np.inf, 1.5])
     assert scale == "linear" and covers(limits, [1.0, 2.0]) and limits[1] < 3
-    assert figures.loss_axis([np.nan]) == ("linear", (0.0, 1.0))
+    assert loss_axis([np.nan]) == ("linear", (0.0, 1.0))
 
 
 @pytest.mark.parametrize("decay", [None, 0.0, 0.5, 0.99])
 def test_smoothed_series_has_the_same_length_and_lies_within_the_raw_range(decay):
     raw = np.random.default_rng(0).standard_normal(200).cumsum()
-    s = figures.smooth(raw, decay)
+    s = smooth(raw, decay)
     assert s.shape == raw.shape and np.isfinite(s).all()
     assert raw.min() <= s.min() and s.max() <= raw.max()
     assert s[0] == pytest.approx(raw[0], rel=1e-12)  # bias correction: the first value is the first raw value
 
 
 def test_smoothing_keeps_a_constant_and_decay_zero_is_the_identity():
-    assert np.allclose(figures.smooth([4.0] * 50, 0.9), 4.0, rtol=1e-12)
+    assert np.allclose(smooth([4.0] * 50, 0.9), 4.0, rtol=1e-12)
     raw = np.arange(10.0)
-    assert np.array_equal(figures.smooth(raw, 0.0), raw)
-    assert np.array_equal(figures.smooth(raw), raw)  # fewer than 20 points: the default does not smooth
+    assert np.array_equal(smooth(raw, 0.0), raw)
+    assert np.array_equal(smooth(raw), raw)  # fewer than 20 points: the default does not smooth
     with pytest.raises(ValueError, match="decay"):
-        figures.smooth(raw, 1.0)
+        smooth(raw, 1.0)
 
 
 @pytest.mark.parametrize("losses, scale", [(700 * np.exp(-np.linspace(0, 5, 30)) - 250, "symlog"),
                                            (1e3 * np.exp(-np.linspace(0, 10, 30)), "log"),
                                            (np.linspace(0.5, 0.1, 30), "linear")])
-def test_plot_loss_writes_a_png(tmp_path, losses, scale):
+def test_save_loss_curve_writes_a_png(tmp_path, losses, scale):
     history = [(50 * (i + 1), float(v)) for i, v in enumerate(losses)]
     history[3] = (200, float("nan"))
     history[7] = (400, float("inf"))
     path = tmp_path / "sub" / "vae_loss.png"
-    got = figures.plot_loss(history, str(path), "vae loss")
+    got = save_loss_curve(history, str(path), "vae loss")
     assert got["scale"] == scale and got["dropped"] == 2
     finite = [v for _, v in history if np.isfinite(v)]
     assert covers(got["limits"], finite)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_loss_of_an_empty_history_writes_a_png(tmp_path):
+def test_save_loss_curve_of_an_empty_history_writes_a_png(tmp_path):
     path = tmp_path / "empty.png"
-    assert figures.plot_loss([], str(path), "no steps yet")["dropped"] == 0
+    assert save_loss_curve([], str(path), "no steps yet")["dropped"] == 0
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -104,15 +106,15 @@ def tiny_refiner_checkpoint(path, t_start, prior):
     timesteps 0..t_start, and a VAE whose ex-post prior is `prior`."""
     import torch
 
-    from checkpoint import save_atomic
+    from runtime import save_atomic
     from unet import UNet
     from vae import VAE
     torch.manual_seed(0)
     net = UNet(img_ch=1, cond_ch=1, ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
                image_size=16, norm_groups=8)
     vae = VAE(img_ch=1, image_size=16, ch=8, z_dim=4)
-    cfg = dict(form=2, param="residual", cond_drop=0.0, sample_guidance=0.0, border=0, t_start=t_start,
-               sample_t_start=None, schedule="linear", T=1000, image_size=16)
+    cfg = dict(form=2, cond="vae", param="residual", cond_drop=0.0, t_start=t_start, schedule="linear", T=1000,
+               image_size=16, dataset="fashion_mnist")
     save_atomic(dict(stage="ddpm", model_args=net.config, config=cfg, model=net.state_dict(), ema=net.state_dict(),
                      vae=dict(model_args=vae.config, ema=vae.state_dict(), prior=prior)), path)
     return path
@@ -129,23 +131,28 @@ def test_steps_draws_z_from_the_ex_post_prior_and_only_the_step_counts_the_start
     ckpt = tiny_refiner_checkpoint(str(tmp_path / "ddpm.pt"), t_start=20, prior=prior)
     allowed = [n for n in figures.STEP_COUNTS if n <= 21]
     assert 0 < len(allowed) < len(figures.STEP_COUNTS)  # the figure's list holds counts this start cannot take
-    calls, generate = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append((k["args"].steps, k["z"])) or generate(*a, **k))
+    drawn, calls, refine = [], [], sample.refine
+    monkeypatch.setattr(figures, "sample_prior", lambda *a, **k: drawn.append(sample_prior(*a, **k)) or drawn[-1])
+    monkeypatch.setattr(sample, "refine", lambda m, x_hat0, *a, **k: calls.append((k["steps"], x_hat0, k["noise"]))
+                        or refine(m, x_hat0, *a, **k))
     monkeypatch.setattr(figures, "OUT", str(tmp_path / "figures"))
     figures.steps(ckpt)
-    assert [n for n, _ in calls] == allowed
-    z = calls[0][1]
+    assert [n for n, _, _ in calls] == allowed
+    assert len(drawn) == 1
+    z = drawn[0]
     assert z.shape == (8, 4) and (z - 50).abs().max() < 1  # near the mixture's mean; N(0, I) draws are near 0
     # the figure's generator, seeded 0, draws z first: vae.sample_prior's draw from the checkpoint's prior
     assert torch.equal(z, sample_prior(8, 4, prior, generator=torch.Generator().manual_seed(0)))
-    assert all(torch.equal(zi, z) for _, zi in calls)  # the same z in every row
+    m = sample.load(ckpt, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(calls[0][1], m.vae.decode(z))  # x_hat_0 = dec(z)
+    # the same z (so the same x_hat_0) and the same starting noise in every row
+    assert all(torch.equal(x, calls[0][1]) and torch.equal(noise, calls[0][2]) for _, x, noise in calls)
     assert (tmp_path / "figures" / "samples_vs_steps.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_refiner_of_the_full_chain_takes_every_step_count():
-    import ddpm
-    diffusion = ddpm.make_diffusion("linear", 1000)
-    for cfg in (dict(t_start="full"), dict(t_start=999)):
-        assert figures.step_counts(diffusion, cfg) == figures.STEP_COUNTS
-    # sample_t_start, where sample.py starts by default, bounds the steps: timesteps 0..4 are 5
-    assert figures.step_counts(diffusion, dict(t_start=110, sample_t_start=4)) == [1, 2, 5]
+    for cfg in (dict(cond="vae", t_start="full", T=1000), dict(cond="vae", t_start=999, T=1000)):
+        assert figures.step_counts(cfg) == figures.STEP_COUNTS
+    # a refiner trained on the timesteps 0..4 starts at 4 by default, and 0..4 are 5 timesteps
+    assert figures.step_counts(dict(cond="vae", t_start=4, T=1000)) == [1, 2, 5]

@@ -1,11 +1,13 @@
-"""The README, kept honest without running anything: every `python X.py ...` (or `torchrun ... X.py ...`) it shows,
-in a ``` shell block or an inline `code span`, must get through X.py's own parse_args(argv); every tests/ path and
-tests/x.py::name it names must exist; every repo file it names (*.py, *.md, assets/*.png, markdown links) must exist.
+"""The README and LESSONS.md, kept honest without running anything: every `python X.py ...` (or
+`torchrun ... X.py ...`, or `python -m tools.X ...`) either shows, in a ``` shell block or an inline `code span`,
+must get through the script's own parse_args(argv); every tests/ path and tests/x.py::name it names must exist;
+every repo file it names (*.py, *.md, assets/*.png, markdown links) must exist (paths that leave the repository,
+../shared/..., are not the repository's to check).
 
-README.md is read when the tests are collected, so the checks follow it as it changes. Shell is handled only as
-far as a command line needs: `\\` continuations, `# comments`, quotes, `&&`, `||`, `|`, `;`, redirections,
+Both documents are read when the tests are collected, so the checks follow them as they change. Shell is handled
+only as far as a command line needs: `\\` continuations, `# comments`, quotes, `&&`, `||`, `|`, `;`, redirections,
 leading `VAR=value`, `time`, `do`/`then`. A command that uses a shell variable ($flags) cannot be checked without
-running the shell: it fails, naming its line, so the README writes its commands out."""
+running the shell: it fails, naming its line, so the documents write their commands out."""
 import contextlib
 import importlib
 import io
@@ -16,14 +18,14 @@ import shlex
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+DOCS = ("README.md", "LESSONS.md")  # every check runs on each
 SHELLS = {"", "bash", "sh", "shell", "console", "zsh"}  # fence languages whose lines are shell commands
 SEPARATORS = {"&&", "||", "|", ";", "&", "|&", ";;"}
 PREFIXES = {"time", "do", "then", "else", "exec", "nohup", "!", "$"}
 
 
-def read_readme():
-    with open(README, encoding="utf-8") as f:
+def read_readme(doc="README.md"):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
         return f.read()
 
 
@@ -80,8 +82,9 @@ def segments(line):
 
 
 def invocation(seg):
-    """(script name, argv) if the command runs `python X.py ...` / `torchrun ... X.py ...`, ("pytest", argv) for
-    `python -m pytest ...`, else None. Leading VAR=value, time, do, then are skipped."""
+    """(script name, argv) if the command runs `python X.py ...` / `torchrun ... X.py ...`, (module, argv) for
+    `python -m tools.X ...`, ("pytest", argv) for `python -m pytest ...`, else None. Leading VAR=value, time, do,
+    then are skipped."""
     while seg and (seg[0] in PREFIXES or re.match(r"[A-Za-z_]\w*=", seg[0])):
         seg = seg[1:]
     if not seg:
@@ -89,7 +92,7 @@ def invocation(seg):
     prog, rest = os.path.basename(seg[0]), seg[1:]
     if re.fullmatch(r"python[\d.]*", prog):
         if rest[:1] == ["-m"] and len(rest) > 1:
-            return ("pytest", rest[2:]) if rest[1] == "pytest" else None
+            return ("pytest", rest[2:]) if rest[1] == "pytest" else (rest[1], rest[2:])
         rest = rest[next((i for i, t in enumerate(rest) if not t.startswith("-")), len(rest)):]  # python -u, -O
     elif prog == "torchrun":
         rest = rest[next((i for i, t in enumerate(rest) if t.endswith(".py")), len(rest)):]  # torchrun's own flags
@@ -101,7 +104,7 @@ def invocation(seg):
 
 
 def readme_commands(text):
-    """(line number, the README's text, script, argv or an error string) of every python / torchrun command."""
+    """(line number, the document's text, script, argv or an error string) of every python / torchrun command."""
     blocks, rest = code_blocks(text)
     for lineno, line in blocks + sorted(inline_spans(rest)):
         try:
@@ -115,27 +118,33 @@ def readme_commands(text):
                 yield lineno, line, found[0], found[1]
 
 
-COMMANDS = list(readme_commands(read_readme()))
+COMMANDS = [(doc, *command) for doc in DOCS for command in readme_commands(read_readme(doc))]
 
 
-def test_the_readme_shows_commands():
-    """Guards the extraction: a README without a single python command found means the parsing above broke."""
-    assert any(script for _, _, script, _ in COMMANDS), "no `python X.py` command found in README.md"
+@pytest.mark.parametrize("doc", DOCS)
+def test_the_readme_shows_commands(doc):
+    """Guards the extraction: a document without a single python command found means the parsing above broke."""
+    assert any(script for d, _, _, script, _ in COMMANDS if d == doc), f"no `python X.py` command found in {doc}"
 
 
-@pytest.mark.parametrize("lineno, line, script, argv", COMMANDS,
-                         ids=[f"line{n}-{s or 'shell'}" for n, _, s, _ in COMMANDS])
-def test_readme_command_parses(lineno, line, script, argv):
-    where = f"README.md line {lineno}: `{line}`"
+@pytest.mark.parametrize("doc, lineno, line, script, argv", COMMANDS,
+                         ids=[f"{d[:-3]}-line{n}-{s or 'shell'}" for d, n, _, s, _ in COMMANDS])
+def test_readme_command_parses(doc, lineno, line, script, argv):
+    where = f"{doc} line {lineno}: `{line}`"
     if isinstance(argv, str):
         pytest.fail(f"{where}: {argv}", pytrace=False)
-    path = os.path.join(ROOT, script)
-    if os.path.dirname(script) not in ("", ".") or not os.path.isfile(path):
-        pytest.fail(f"{where}: runs {script}, which is not a file at the top of the repository", pytrace=False)
+    if script.endswith(".py"):
+        path, module_name = os.path.join(ROOT, script), os.path.basename(script)[:-3]
+        if os.path.dirname(script) not in ("", ".") or not os.path.isfile(path):
+            pytest.fail(f"{where}: runs {script}, which is not a file at the top of the repository", pytrace=False)
+    else:  # python -m package.module
+        path, module_name = os.path.join(ROOT, *script.split(".")) + ".py", script
+        if not os.path.isfile(path):
+            pytest.fail(f"{where}: runs the module {script}, which is not a file of the repository", pytrace=False)
     if any("$" in a for a in argv):
         pytest.fail(f"{where}: uses shell variables ({', '.join(a for a in argv if '$' in a)}), which this test "
                     "cannot check: write the commands out", pytrace=False)
-    module = importlib.import_module(os.path.basename(script)[:-3])
+    module = importlib.import_module(module_name)
     if not hasattr(module, "parse_args"):
         pytest.fail(f"{where}: {script} has no parse_args(argv) to check it with: give it one", pytrace=False)
     err = io.StringIO()
@@ -148,9 +157,10 @@ def test_readme_command_parses(lineno, line, script, argv):
             pytest.fail(f"{where}: {script}'s parser rejects it: {said[-1] if said else e}", pytrace=False)
 
 
-def test_readme_test_paths_exist():
-    """Every tests/... path and tests/x.py::name (::Class::method) the README names exists."""
-    text, missing = read_readme(), []
+@pytest.mark.parametrize("doc", DOCS)
+def test_readme_test_paths_exist(doc):
+    """Every tests/... path and tests/x.py::name (::Class::method) the document names exists."""
+    text, missing = read_readme(doc), []
     for m in re.finditer(r"(?<![\w/.-])(tests/[\w/.-]*)((?:::\w+)*)", text):
         path, names = m.group(1).rstrip("."), [n for n in m.group(2).split("::") if n]
         lineno = text.count("\n", 0, m.start()) + 1
@@ -163,20 +173,21 @@ def test_readme_test_paths_exist():
             for name in names:
                 if not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", source, re.M):
                     missing.append(f"line {lineno}: {path} has no test or class named {name}")
-    assert not missing, "README.md names tests that do not exist:\n" + "\n".join(missing)
+    assert not missing, f"{doc} names tests that do not exist:\n" + "\n".join(missing)
 
 
-def test_readme_file_references_exist():
-    """Every repo file the README names exists: *.py and *.md mentions, assets/*.png, and relative link targets."""
-    text, missing = read_readme(), []
+@pytest.mark.parametrize("doc", DOCS)
+def test_readme_file_references_exist(doc):
+    """Every repo file the document names exists: *.py and *.md mentions, assets/*.png, and relative link targets."""
+    text, missing = read_readme(doc), []
     mentions = r"(?<![\w/.:~$-])((?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|md)|assets/[\w./-]+\.png)(?![\w/])"
     links = r"\]\(\s*<?([^)\s>#]+)"  # [text](target) and ![alt](target)
     for pattern in (mentions, links):
         for m in re.finditer(pattern, text):
             ref = m.group(1)
-            if re.match(r"[a-z][\w+.-]*:", ref) or ref.startswith("/"):
-                continue  # a URL (https:, mailto:) or an absolute path: not a repo file
+            if re.match(r"[a-z][\w+.-]*:", ref) or ref.startswith(("/", "../")):
+                continue  # a URL (https:, mailto:), an absolute path, or one outside the repository
             if not os.path.exists(os.path.join(ROOT, ref)):
                 missing.append((text.count("\n", 0, m.start()) + 1, ref))
-    assert not missing, "README.md names files that are not in the repository:\n" + "\n".join(
+    assert not missing, f"{doc} names files that are not in the repository:\n" + "\n".join(
         f"line {n}: {ref}" for n, ref in sorted(set(missing)))

@@ -1,9 +1,17 @@
-"""runtime.py: the CUDA decisions checked on a pretend device, and each speed choice forced on the CPU gives the
-training step's loss to a tolerance that follows from the arithmetic it changes."""
+"""runtime.py: the CUDA decisions checked on a pretend device, each speed choice forced on the CPU gives the
+training step's loss to a tolerance that follows from the arithmetic it changes, and the process helpers (any_rank,
+check_replicas, wrap_ddp, catch_signals) do what train.py relies on. Its checkpoint files: tests/test_errors.py."""
+import contextlib
 import dataclasses
+import io
+import json
+import os
+import signal
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
 import ddpm
@@ -231,3 +239,59 @@ def test_prepare_model_keeps_the_raw_model_for_checkpoints():
     tiny_unet().load_state_dict(raw.state_dict())
     raw, model = R.prepare_model(tiny_unet(), R.choose("cpu", compile_flag=False))
     assert model is raw
+
+
+# ----------------------------------------------------------------------------- processes (gloo, CPU)
+
+def _two_ranks(rank, out_dir, differ):
+    """One of two gloo processes: any_rank's all-reduce, wrap_ddp, then check_replicas on a Linear layer whose weights
+    are rank 0's, or (differ) one ulp off in one bias on rank 1. Writes what it saw to out_dir/rank.json."""
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=2)
+    rt = R.choose("cpu", world=2)
+    seen = dict(none=R.any_rank(False, rt), rank1=R.any_rank(rank == 1, rt), all=R.any_rank(True, rt))
+    torch.manual_seed(0)
+    seen["ddp"] = isinstance(R.wrap_ddp(nn.Linear(3, 2), rt), nn.parallel.DistributedDataParallel)
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    if differ and rank == 1:
+        with torch.no_grad():
+            net.bias[0] = torch.nextafter(net.bias[0], torch.tensor(1.0))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        R.check_replicas(net, rt, rank)
+    seen.update(printed=printed.getvalue(), group_ended=not dist.is_initialized())
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    os._exit(0)  # what is under test is done; the interpreter's teardown of torch's gloo threads is not
+
+
+@pytest.mark.parametrize("differ", [False, True], ids=["same weights", "one ulp apart"])
+def test_two_gloo_ranks_agree_only_when_their_weights_are_identical(tmp_path, differ):
+    # train.py's end-of-run check under torchrun: exact, so one ulp in one weight on one rank is reported; any_rank
+    # (how all ranks stop at the same step on a signal) is true on every rank when true on one
+    mp.spawn(_two_ranks, args=(str(tmp_path), differ), nprocs=2, join=True)
+    seen = [json.load(open(tmp_path / f"{r}.json")) for r in (0, 1)]
+    for s in seen:
+        assert s["none"] is False and s["rank1"] is True and s["all"] is True
+        assert s["ddp"] and s["group_ended"]
+    expected = ("ranks DIFFER: weights not identical on 2 processes" if differ
+                else "ranks agree: weights identical on 2 processes")
+    assert seen[0]["printed"].strip() == expected and seen[1]["printed"] == ""  # rank 0 reports
+
+
+def test_wrap_ddp_leaves_a_single_process_model_alone():
+    net = nn.Linear(3, 2)
+    assert R.wrap_ddp(net, R.choose("cpu")) is net
+
+
+def test_catch_signals_records_the_signal_instead_of_stopping():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = R.catch_signals()
+        assert stop["signal"] is None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            os.kill(os.getpid(), signum)
+            assert stop["signal"] == signum
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

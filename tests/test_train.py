@@ -1,5 +1,6 @@
 """train.py's process setup and training step: --deterministic on a (pretend) GPU sets what cuBLAS needs before
-the GPU is touched, and under bf16 autocast stage 2's condition x_hat_0 is decoded in fp32, as sampling decodes it."""
+the GPU is touched, under bf16 autocast stage 2's condition x_hat_0 is decoded in fp32, as sampling decodes it, and
+--preset paper trains the derivations' objective where --preset cpu trains the residual on t in 0..110."""
 import os
 
 import pytest
@@ -25,18 +26,26 @@ def no_cublas_setting(monkeypatch):
     monkeypatch.delenv(CUBLAS)
 
 
+class Started(Exception):
+    """Raised in place of train.start: the process setup is done, nothing else runs."""
+
+
 def setup_on(device, tmp_path, monkeypatch):
-    """train.setup(--deterministic) on `device`, a pretend GPU for "cuda": is_available says yes and set_device
-    records the cuBLAS setting at the moment the GPU is bound. Returns (the use_deterministic_algorithms calls, the
-    settings seen by set_device)."""
-    calls, bound = [], []
+    """train.main --deterministic up to its process setup (train.start replaced by a stop) on `device`, a pretend GPU
+    for "cuda": is_available says yes and set_device records the cuBLAS setting at the moment the GPU is bound.
+    Returns (the use_deterministic_algorithms calls, the settings seen by set_device)."""
+    calls, bound, runs = [], [], []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **k: calls.append(mode))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: bound.append(os.environ.get(CUBLAS)))
-    args, cfg = train.parse_args(["--stage", "ddpm", "--device", device, "--deterministic",
-                                  "--out_dir", str(tmp_path)])
-    _, _, rt = train.setup(args, cfg)
-    assert rt.device.type == device
+
+    def stop(run):
+        runs.append(run)
+        raise Started
+    monkeypatch.setattr(train, "start", stop)
+    with pytest.raises(Started):
+        train.main(["--stage", "ddpm", "--device", device, "--deterministic", "--out_dir", str(tmp_path)])
+    assert runs[0].rt.device.type == device
     return calls, bound
 
 
@@ -62,8 +71,7 @@ def test_deterministic_on_the_cpu_needs_no_cublas_setting(tmp_path, monkeypatch)
 
 # ----------------------------------------------------------------------------- the stage-2 condition under bf16
 
-@pytest.mark.parametrize("cached", [True, False], ids=["cached codes", "encoder every batch"])
-def test_bf16_training_step_decodes_x_hat_0_in_fp32(monkeypatch, cached):
+def test_bf16_training_step_decodes_x_hat_0_in_fp32(monkeypatch):
     """One stage-2 step of train.train_step under CPU bf16 autocast (runtime.choose('cpu', bf16=True)): ddpm_loss
     receives x_hat_0 = dec(z) in float32, equal to the plain fp32 decode of the same z, while the denoiser runs
     under autocast. z is the step's first draw after the batch (train_step's order: batch, z, t, noise)."""
@@ -73,20 +81,19 @@ def test_bf16_training_step_decodes_x_hat_0_in_fp32(monkeypatch, cached):
                image_size=8, norm_groups=8)
     diffusion = ddpm.make_diffusion("linear", 1000)
     shard = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
-    codes = (torch.randn(10, 4), torch.randn(10, 4) - 2) if cached else None
     rt = runtime.choose("cpu", bf16=True)
     assert rt.amp_dtype is torch.bfloat16
-    args, cfg = train.parse_args(["--stage", "ddpm"])
-    cfg.update(batch_size=2, warmup=1)
-    state = train.TrainState(net, train.EMA(net, 0.99), runtime.make_optimizer(net.parameters(), 1e-3, rt), 1e-3)
+    args, cfg = train.parse_args(["--stage", "ddpm", "--set", "batch_size=2", "warmup=1"])
+    run = train.Run(args, cfg, rt, 0, shard=shard, vae=vae, diffusion=diffusion, raw=net, model=net,
+                    ema=train.EMA(net, 0.99), opt=runtime.make_optimizer(net.parameters(), 1e-3, rt))
     seen, ddpm_loss = {}, DV.ddpm_loss
 
     def spy(model, diffusion, x0, x_hat0, **kw):
         seen.update(x0=x0, x_hat0=x_hat0, autocast=torch.is_autocast_enabled("cpu"))
         return ddpm_loss(model, diffusion, x0, x_hat0, **kw)
     monkeypatch.setattr(DV, "ddpm_loss", spy)
-    loss, _, _ = train.train_step(args, cfg, rt, 0, net, state, vae, diffusion, shard, codes, 110, runtime.autocast(rt))
-    assert torch.isfinite(loss) and state.step == 1
+    loss = train.train_step(run)
+    assert torch.isfinite(loss) and run.step == 1
     assert seen["autocast"]  # the denoiser's forward stays under bf16 autocast
 
     torch.manual_seed(train.step_seed(args.seed, 0, 0))  # the step's stream: the batch indices, then z
@@ -94,7 +101,52 @@ def test_bf16_training_step_decodes_x_hat_0_in_fp32(monkeypatch, cached):
     x0 = runtime.prepare_batch(to_model_range(shard[idx]), rt)
     assert torch.equal(seen["x0"], x0)
     with torch.no_grad():
-        mu, logvar = (codes[0][idx], codes[1][idx]) if cached else vae.encode(x0)
+        mu, logvar = vae.encode(x0)
         expected = vae.decode(reparameterize(mu, logvar))  # fp32: no autocast here
     assert expected.dtype == torch.float32
     assert seen["x_hat0"].dtype == torch.float32 and torch.equal(seen["x_hat0"], expected)
+
+
+# ----------------------------------------------------------------------------- the presets' objectives
+
+@pytest.fixture(scope="module")
+def vae_run(tmp_path_factory):
+    """A tiny Fashion-MNIST-format dataset and a VAE trained one step on it: (data_dir, vae.pt)."""
+    from test_pipeline import TINY, make_fashion
+    data_dir = make_fashion(str(tmp_path_factory.mktemp("fashion")))
+    out = str(tmp_path_factory.mktemp("run"))
+    train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "1", *TINY])
+    return data_dir, os.path.join(out, "vae.pt")
+
+
+@pytest.mark.parametrize("preset,param,t_start", [("cpu", "residual", 110), ("paper", "eps", "full")])
+def test_paper_preset_trains_the_derivations_objective_and_cpu_the_residual_on_0_to_110(
+        vae_run, tmp_path, monkeypatch, preset, param, t_start):
+    # --preset paper is the cpu model trained on the derivations' objective: eps on every t, sampled from x_T;
+    # --preset cpu predicts the residual x_0 - x_hat_0 on t in 0..110 and samples from t_start 110. Recorded from
+    # train.py's own stage-2 steps: what ddpm_loss is asked for and the t it draws (3 steps of 8 draws of 0..999
+    # all <= 110 with probability (111/1000)^24 ~ 1e-23)
+    from test_pipeline import TINY
+    from runtime import load_checkpoint
+    import sample
+    data_dir, vae = vae_run
+    assert {k: v for k, v in train.PRESETS["paper"].items() if k not in ("param", "t_start")} == {
+        k: v for k, v in train.PRESETS["cpu"].items() if k not in ("param", "t_start")}  # the same model otherwise
+    calls, ddpm_loss = [], DV.ddpm_loss
+
+    def spy(*a, **kw):
+        out = ddpm_loss(*a, **kw)
+        calls.append(dict(kw, t=out[1]))
+        return out
+    monkeypatch.setattr(DV, "ddpm_loss", spy)
+    out = str(tmp_path / preset)
+    train.main(["--stage", "ddpm", "--preset", preset, "--data_dir", data_dir, "--vae_ckpt", vae, "--out_dir", out,
+                "--steps", "3", *TINY])
+    assert len(calls) == 3
+    assert {c["param"] for c in calls} == {param} and {c["form"] for c in calls} == {2}
+    assert {c["t_max"] for c in calls} == {None if t_start == "full" else t_start}
+    t = torch.cat([c["t"] for c in calls])
+    assert (t.max() > 110) == (t_start == "full") and t.max() <= 999
+    cfg = load_checkpoint(os.path.join(out, "ddpm.pt"))["config"]
+    assert cfg["param"] == param and cfg["t_start"] == t_start
+    assert sample.start_of(cfg) == (None if t_start == "full" else 110)  # sampling: from x_T, or from t_start 110

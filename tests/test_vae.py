@@ -28,12 +28,16 @@ def ppca():
 
 
 def elbo_terms(ppca, mu, logvar, n, seed):
-    """One-sample ELBO estimates with vae.py's functions: (rec, kl) per draw."""
+    """One-sample ELBO estimates with vae.py's functions, per draw: (elbo, rec, kl) with elbo = -negative_elbo and
+    its two terms rec = log p(x|z), kl = KL(q(z|x) || N(0, I))."""
     z = V.reparameterize(mu.expand(n, K), logvar.expand(n, K),
                          torch.randn(n, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     mean_x = z @ ppca["W"].T + ppca["b"]
-    rec = V.gaussian_log_likelihood(ppca["x"].expand(n, D), mean_x, math.log(SIGMA ** 2))
-    return V.elbo(rec, mu.expand(n, K), logvar.expand(n, K))
+    x, obs_logvar = ppca["x"].expand(n, D), math.log(SIGMA ** 2)
+    elbo = -V.negative_elbo(x, mean_x, obs_logvar, mu.expand(n, K), logvar.expand(n, K))
+    rec = V.gaussian_log_likelihood(x, mean_x, obs_logvar)
+    kl = V.kl_standard_normal(mu.expand(n, K), logvar.expand(n, K))
+    return elbo, rec, kl
 
 
 def test_reparameterised_draws_have_the_encoder_mean_and_variance():
@@ -56,14 +60,11 @@ def test_analytic_kl_equals_monte_carlo_estimate():
     assert abs(log_ratio.mean().item() - kl) < 4 * log_ratio.std().item() / math.sqrt(N)
 
 
-def test_likelihoods_match_their_densities():
+def test_gaussian_likelihood_matches_its_density():
     g = torch.Generator().manual_seed(2)
     x, mean = torch.randn(4, 3, 2, generator=g, dtype=torch.float64), torch.randn(4, 3, 2, generator=g, dtype=torch.float64)
     ref = torch.distributions.Normal(mean, math.exp(0.5 * -1.3)).log_prob(x).flatten(1).sum(1)
     assert torch.allclose(V.gaussian_log_likelihood(x, mean, -1.3), ref, rtol=1e-12)
-    x01, logits = torch.rand(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
-    p = torch.sigmoid(logits)
-    assert torch.allclose(V.bernoulli_log_likelihood(x01, logits), (x01 * p.log() + (1 - x01) * (1 - p).log()).sum(1))
 
 
 def test_elbo_equals_log_px_at_the_exact_posterior_for_every_draw(ppca):
@@ -76,8 +77,7 @@ def test_elbo_equals_log_px_at_the_exact_posterior_for_every_draw(ppca):
     assert torch.allclose(log_joint - log_q, torch.full((50,), ppca["log_px"], dtype=torch.float64), rtol=1e-12)
     # and the ELBO of vae.py (analytic KL) averages to log p(x)
     N = 100000
-    rec, kl = elbo_terms(ppca, mu, logvar, N, seed=3)
-    est = rec - kl
+    est, _, _ = elbo_terms(ppca, mu, logvar, N, seed=3)
     assert abs(est.mean().item() - ppca["log_px"]) < 4 * est.std().item() / math.sqrt(N)
 
 
@@ -86,8 +86,7 @@ def test_elbo_gap_is_the_kl_to_the_true_posterior(ppca):
     mu = ppca["post_mu"] + torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
     logvar = ppca["post_logvar"] + torch.tensor([0.4, -0.6, 0.1], dtype=torch.float64)
     N = 200000
-    rec, kl = elbo_terms(ppca, mu, logvar, N, seed=4)
-    est = rec - kl
+    est, _, _ = elbo_terms(ppca, mu, logvar, N, seed=4)
     q = torch.distributions.Normal(mu, logvar.mul(0.5).exp())
     post = torch.distributions.Normal(ppca["post_mu"], ppca["post_logvar"].mul(0.5).exp())
     gap = torch.distributions.kl_divergence(q, post).sum().item()
@@ -103,12 +102,12 @@ def test_vae_network_shapes_and_a_few_steps_lower_the_loss():
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (16, 8)
     assert model.decode(mu).shape == x.shape
-    rec, kl, x_hat = model(x)
-    assert rec.shape == kl.shape == (16,) and x_hat.shape == x.shape
+    loss = model(x)
+    assert loss.shape == (16,)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(30):
-        loss = model.loss(x)
+        loss = model(x).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -118,6 +117,65 @@ def test_vae_network_shapes_and_a_few_steps_lower_the_loss():
     clone = V.VAE(**model.config)
     clone.load_state_dict(model.state_dict())
     assert torch.equal(clone.decode(mu.detach()), model.decode(mu.detach()))
+
+
+def test_negative_elbo_is_the_analytic_kl_minus_the_gaussian_log_likelihood():
+    # -ELBO = KL(N(mu, e^logvar) || N(0, I)) - log N(x; x_hat, e^obs_logvar I) per example, both terms from
+    # torch.distributions (the KL in closed form, the likelihood as a density), nothing of vae.py
+    g = torch.Generator().manual_seed(5)
+    x, x_hat = (torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    mu, logvar = torch.randn(4, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    obs_logvar = -0.7
+    N_ = torch.distributions.Normal
+    kl = torch.distributions.kl_divergence(N_(mu, logvar.mul(0.5).exp()), N_(0.0, 1.0)).sum(1)
+    log_lik = N_(x_hat, math.exp(0.5 * obs_logvar)).log_prob(x).flatten(1).sum(1)
+    got = V.negative_elbo(x, x_hat, obs_logvar, mu, logvar)
+    assert got.shape == (4,)
+    assert torch.allclose(got, kl - log_lik, rtol=1e-12, atol=0)
+
+
+def test_vae_forward_is_the_one_sample_negative_elbo_per_dimension():
+    # the stage-1 loss of each image: -ELBO of the one draw z = mu + sigma eps it decodes, divided by C*S*S
+    torch.manual_seed(0)
+    model = V.VAE(img_ch=2, image_size=16, ch=16, z_dim=4).double()
+    x = torch.rand(3, 2, 16, 16, dtype=torch.float64) * 2 - 1
+    torch.manual_seed(1)
+    got = model(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        x_hat = model.decode(mu + logvar.mul(0.5).exp() * torch.randn_like(mu))  # the same eps draw
+        N_ = torch.distributions.Normal
+        kl = torch.distributions.kl_divergence(N_(mu, logvar.mul(0.5).exp()), N_(0.0, 1.0)).sum(1)
+        log_lik = N_(x_hat, model.obs_logvar.mul(0.5).exp()).log_prob(x).flatten(1).sum(1)
+    assert got.shape == (3,)
+    assert torch.allclose(got.detach(), (kl - log_lik) / (2 * 16 * 16), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("stage", ["vae", "ddpm"])
+def test_vae_from_checkpoint_round_trip_gives_the_same_frozen_model_and_prior(tmp_path, stage):
+    # a stage-1 checkpoint (model_args, ema, prior at the top) or a stage-2 one's "vae" entry, through the file
+    import runtime
+    torch.manual_seed(0)
+    model = V.VAE(img_ch=1, image_size=16, ch=16, z_dim=4).eval()
+    images = torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    prior, log_lik = V.fit_expost_prior(model, images, k=3, batch_size=16, generator=torch.Generator().manual_seed(2))
+    assert math.isfinite(log_lik) and prior["weights"].shape == (3,) and prior["means"].shape == (3, 4)
+    entry = dict(model_args=model.config, ema=model.state_dict(), prior=prior)
+    ck = dict(stage="vae", **entry) if stage == "vae" else dict(stage="ddpm", model_args={}, vae=entry)
+    runtime.save_atomic(ck, str(tmp_path / f"{stage}.pt"))
+    loaded = runtime.load_checkpoint(str(tmp_path / f"{stage}.pt"), stage=stage)
+    vae = V.VAE.from_checkpoint(loaded if stage == "vae" else loaded["vae"])
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
+    assert vae.config == model.config
+    assert all(torch.equal(vae.prior[k], prior[k]) for k in ("weights", "means", "covs"))
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(vae.encode(x), model.encode(x)))
+    model.prior = prior
+    a = vae.sample(5, generator=torch.Generator().manual_seed(3))
+    b = model.sample(5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])  # same mixture draw z, same decoded x_hat_0
 
 
 def test_vae_rejects_image_sizes_it_cannot_downsample():

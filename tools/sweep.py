@@ -1,24 +1,28 @@
-"""The speed/quality sweep: FID (own-classifier features, evaluate.py) against the number of sampling steps.
+"""The speed/quality sweep: FID (own-classifier features, tools/evaluate.py) against the number of sampling steps.
 
-    python sweep.py --models form2=runs/fashion/ddpm.pt form1=runs/form1/ddpm.pt uncond=runs/uncond/ddpm.pt \
-                    --steps 10 25 100 --samplers ddim ddpm --n 1000
-    python sweep.py --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 50 80 default --seeds 0 1 2 \
-                    --extra "--sampler ddpm --var_type fixedsmall" --split val
+    python -m tools.sweep --models form2=runs/fashion/ddpm.pt form1=runs/form1/ddpm.pt uncond=runs/uncond/ddpm.pt \
+                          --steps 10 25 100 --samplers ddim ddpm --n 1000
+    python -m tools.sweep --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 50 80 default --seeds 0 1 2 \
+                          --samplers ddpm --extra var_type=fixedsmall --split val
 
 For each model, sampler, step count, t_start and seed it draws N samples (the same z and seeds for every model),
 scores them against a held-out Fashion-MNIST split (--split val to choose a default, test to report it) in two
-feature spaces, evaluate.py's features and its independently trained judge (FID, KID; and the judge's agreement
-between x_hat_0 and its refinement), and adds a row to OUT/results.json (kept between runs: a cell measured with
-the same models, flags, prior, split and classifiers is not recomputed). The table gives the mean ± sd over the
-seeds. --extra passes further sample.py flags to every cell. z comes from the VAE's ex-post prior (--prior normal:
-N(0, I)). The VAE alone (x_hat_0 of the first model with a VAE, and its decodings of z ~ N(0, I) for comparison) and
-real held-out images of the other split (the floor) are scored once. Every image set is scored clamped to [-1, 1]
-(evaluate.extract_features), as sample.py saves it. Then it writes OUT/table.md and OUT/fid_vs_steps.png. These
-FIDs are NOT comparable to published Inception FIDs (see evaluate.py).
+feature spaces, tools/evaluate.py's features and its independently trained judge (FID, KID; and the judge's
+agreement between x_hat_0 and its refinement), and adds a row to OUT/results.json (kept between runs: a cell
+measured with the same models, flags, prior, split and classifiers is not recomputed). The table gives the
+mean ± sd over the seeds. --extra KEY=VALUE ... passes further keyword options of ddpm.sample (through
+sample.samples; e.g. eta=0.5, var_type=fixedsmall, raw_eps=True) to every cell; the other options are sample.py's
+defaults. z comes from the VAE's ex-post prior (--prior normal: N(0, I)). The VAE alone (x_hat_0 of the first
+model with a VAE, and its decodings of z ~ N(0, I) for comparison) and real held-out images of the other split
+(the floor) are scored once. Every image set is scored clamped to [-1, 1] (evaluate.extract_features), as
+sample.py saves it. Then it writes OUT/table.md and OUT/fid_vs_steps.png. These FIDs are NOT comparable to
+published Inception FIDs (see tools/evaluate.py).
 """
 import argparse
+import ast
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -26,27 +30,36 @@ import time
 
 import torch
 
-import evaluate as E
-from ddpm import SPACINGS
-from sample import generate, load_models, parse_args as sample_options, start_of
-from vae import sample_prior
+import ddpm
+import sample
+from tools import evaluate as E
+
+# The keyword options of ddpm.sample that --extra may set: not the ones a sweep sets per cell (steps, sampler,
+# spacing, t_start) nor those refine supplies (the chain, its start state and the generator).
+SWEPT = ("steps", "sampler", "spacing", "t_start")
+EXTRA_KEYS = tuple(k for k in inspect.signature(ddpm.sample).parameters
+                   if k not in ("diffusion", "eps_fn", "x_T", "generator") + SWEPT) + ("guidance",)
+DEFAULTS = dict(eta=sample.parse_args([]).eta)  # sample.py's DDIM eta: a cell samples as sample.py does
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, help="NAME=PATH of stage-2 checkpoints")
     p.add_argument("--steps", nargs="+", type=int, default=[10, 25, 100, 1000])
     p.add_argument("--samplers", nargs="+", default=["ddim", "ddpm"], choices=["ddim", "ddpm"])
-    p.add_argument("--spacing", default="uniform", choices=SPACINGS, help="the steps' timesteps (sample.py)")
+    p.add_argument("--spacing", default="uniform", choices=ddpm.SPACINGS, help="the steps' timesteps (ddpm.py)")
     p.add_argument("--prior", default="expost", choices=["expost", "normal"], help="where z comes from (sample.py)")
     p.add_argument("--t_start", nargs="+", default=["default"],
                    help="refiner start timesteps (sample.py --t_start; 'full' = from noise, 'default' = the checkpoint's)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds: the table shows mean ± sd")
-    p.add_argument("--extra", default="", help="more sample.py flags for every cell, e.g. \"--raw_eps\"")
+    p.add_argument("--extra", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"more sampler options for every cell, each a Python literal else a string, e.g. eta=0.5 "
+                        f"raw_eps=True; keys: {', '.join(EXTRA_KEYS)}")
     p.add_argument("--n", type=int, default=1000, help="samples per cell")
     p.add_argument("--batch_size", type=int, default=250)
-    p.add_argument("--classifier", default=E.FEATURES, help="FID/KID features (evaluate.py)")
-    p.add_argument("--judge", default=E.JUDGE, help="the classifier of class agreement (evaluate.py)")
+    p.add_argument("--classifier", default=E.FEATURES, help="FID/KID features (tools/evaluate.py)")
+    p.add_argument("--judge", default=E.JUDGE, help="the classifier of class agreement (tools/evaluate.py)")
     p.add_argument("--split", default="test", choices=["val", "test"],
                    help="the reference images: val to choose a default, test to report one (data.py)")
     p.add_argument("--data_dir", default=None)
@@ -62,32 +75,55 @@ def parse_args(argv=None):
     for t in args.t_start:
         if t not in ("default", "full") and not t.isdigit():
             p.error(f"--t_start takes code timesteps, 'full' or 'default', got {t!r}")
-    sample_options(args.extra.split())  # a bad --extra fails here, with sample.py's own message
+    try:
+        args.extra_options = parse_extra(args.extra)
+    except ValueError as e:
+        p.error(str(e))
+    args.extra = " ".join(f"{k}={v}" for k, v in sorted(args.extra_options.items()))  # in the cache key: one spelling
     return args
 
 
+def parse_extra(pairs):
+    """{KEY: value} of --extra's KEY=VALUE pairs: each value a Python literal (ast.literal_eval), else the string."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in EXTRA_KEYS:
+            raise ValueError(f"--extra takes KEY=VALUE with KEY one of {', '.join(EXTRA_KEYS)}, got {pair!r}"
+                             + (" (the sweep's own flags set steps, sampler(s), spacing and t_start)"
+                                if key in SWEPT else ""))
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def start_arg(t_start):
+    """A --t_start word as sample.start_of takes it: None for 'default' (the checkpoint's), 'full', or an int."""
+    return None if t_start == "default" else t_start if t_start == "full" else int(t_start)
+
+
 @torch.no_grad()
-def draw(net, vae, diffusion, cfg, n, batch_size, steps, sampler, prior="expost", spacing="uniform",
-         t_start="default", seed=0, extra=""):
-    """n samples with fixed seeds per batch, so every model sees the same z and the same x_T noise."""
-    flags = ["--steps", str(steps), "--sampler", sampler, "--spacing", spacing] + extra.split()
-    opts = sample_options(flags + ([] if t_start == "default" else ["--t_start", t_start]))  # the rest: sample.py's
-    p_z = vae.prior if vae is not None and prior == "expost" else None
+def draw(m, n, batch_size, steps, sampler, prior="expost", spacing="uniform", t_start="default", seed=0, extra=None):
+    """n samples of the Refiner m, (x_0, x_hat_0 or None): each batch from a generator seeded by (seed, batch), so
+    every model sees the same z and the same starting noise. `extra` ({KEY: value}, parse_extra) adds options or
+    overrides DEFAULTS; the options given nowhere are those of diffusevae.refine and ddpm.sample."""
+    options = dict(DEFAULTS, **(extra or {}), steps=steps, sampler=sampler, spacing=spacing, t_start=start_arg(t_start))
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(1000 + 7919 * seed + i)
-        z = sample_prior(b, vae.z_dim, p_z, generator=g) if vae is not None else None
-        x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=b, args=opts, generator=g)
+        x_hat0, x0 = sample.samples(m, b, g, prior=prior, batch_size=b, **options)
         outs.append(x0)
         vae_outs.append(x_hat0)
-    return torch.cat(outs), (torch.cat(vae_outs) if vae is not None else None)
+    return torch.cat(outs), (torch.cat(vae_outs) if m.vae is not None else None)
 
 
 def score(spaces, x, x_hat0=None, judge=None):
     """FID and KID of images x in each feature space {suffix: (classifier, reference features)} (suffix "" for
-    evaluate.py's features, "_judge" for the judge's), and, given x_hat_0 and the judge, the fraction of refinements
-    the judge puts in x_hat_0's class."""
+    tools/evaluate.py's features, "_judge" for the judge's), and, given x_hat_0 and the judge, the fraction of
+    refinements the judge puts in x_hat_0's class."""
     row = {}
     for suffix, (classifier, ref) in spaces.items():
         feats = E.extract_features(classifier, x)
@@ -122,11 +158,10 @@ def read_results(path):
 def check_starts(models, t_starts):
     """Every model can be started at every --t_start: the refusal of sample.start_of, before anything is sampled."""
     for name, ckpt in models.items():
-        net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
+        cfg = sample.load(ckpt, torch.device("cpu")).cfg
         for t in t_starts:
-            opts = sample_options([] if t == "default" else ["--t_start", t])
             try:
-                start_of(opts, cfg, vae is not None, diffusion)
+                sample.start_of(cfg, start_arg(t))
             except ValueError as e:
                 raise SystemExit(f"error: --models {name}={ckpt}: {e}")
 
@@ -165,7 +200,8 @@ def main(argv=None):
         record(dict(fixed("data", 0), seconds=0.0, **score(spaces, floor)))
     vae_ckpt = None
     for name, ckpt in args.models.items():
-        net, vae, diffusion, cfg = load_models(ckpt, torch.device("cpu"))
+        m = sample.load(ckpt, torch.device("cpu"))
+        vae = m.vae
         ckpt_hash = file_hash(ckpt)
         vae_ckpt = vae_ckpt or (ckpt_hash if vae is not None else None)
         for sampler, steps, t_start, seed in itertools.product(args.samplers, args.steps, args.t_start, args.seeds):
@@ -174,8 +210,8 @@ def main(argv=None):
             if key_of(cell) in done or (vae is None and t_start not in ("default", "full")):
                 continue  # the unconditional model has no x_hat_0 to start from
             t0 = time.time()
-            x0, x_hat0 = draw(net, vae, diffusion, cfg, args.n, args.batch_size, steps, sampler, args.prior,
-                              args.spacing, t_start, seed, args.extra)
+            x0, x_hat0 = draw(m, args.n, args.batch_size, steps, sampler, args.prior, args.spacing, t_start, seed,
+                              args.extra_options)
             record(dict(cell, seconds=round(time.time() - t0, 1), **score(spaces, x0, x_hat0, judge)))
             if vae is not None and key_of(fixed("vae", seed, vae_ckpt)) not in done:
                 record(dict(fixed("vae", seed, vae_ckpt), seconds=0.0, **score(spaces, x_hat0)))
@@ -203,11 +239,11 @@ def write_table_and_plot(results, args, acc, common):
     seeds = set(args.seeds)
     rows = [r for r in results if all(r.get(k) == v for k, v in common.items())
             and r["spacing"] in (args.spacing, "-") and r["seed"] in seeds and r.get("extra", "") in (args.extra, "")]
-    lines = [f"FID in two feature spaces: evaluate.py's classifier (test accuracy {acc:.2%}) / its independent judge, "
-             f"{args.n} samples vs the {args.split} split, {args.spacing} timestep spacing, z from the {args.prior} "
-             f"prior, seeds {sorted(seeds)} (mean ± sd), sample.py flags: {args.extra or 'none'}. Each cell: "
-             f"FID / FID (judge) [class agreement x_hat_0 vs refinement, by the judge] (seconds per seed); KID in "
-             f"results.json. NOT comparable to published Inception FIDs.", "",
+    lines = [f"FID in two feature spaces: tools/evaluate.py's classifier (test accuracy {acc:.2%}) / its independent "
+             f"judge, {args.n} samples vs the {args.split} split, {args.spacing} timestep spacing, z from the "
+             f"{args.prior} prior, seeds {sorted(seeds)} (mean ± sd), extra sampler options: {args.extra or 'none'}. "
+             f"Each cell: FID / FID (judge) [class agreement x_hat_0 vs refinement, by the judge] (seconds per seed); "
+             f"KID in results.json. NOT comparable to published Inception FIDs.", "",
              "| model | sampler | t_start | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
              "|---|---|---|" + "---|" * len(args.steps)]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -10,10 +10,10 @@ FID is biased at finite N: for two N-sets from one distribution with d-dim featu
 feature variance, not 0 (tests/test_evaluate.py derives the exact second-order term); KID is unbiased. So the
 CLI also prints a floor: held-out images of the validation split vs the test set, with the same N as the samples.
 
-    python evaluate.py --train_classifier    # both classifiers, ~5 min each on one CPU core, ~91% test accuracy
-    python evaluate.py --samples out/samples.npz --n 10000
-    python evaluate.py --bpd runs/fashion/ddpm.pt --n 100    # the variational bound in bits/dim (diffusevae.bound_bpd)
-    python evaluate.py --recon runs/fashion/vae.pt            # accuracy on test images and their reconstructions
+    python -m tools.evaluate --train_classifier                 # (re)train and cache both classifiers
+    python -m tools.evaluate --samples out/samples.npz --n 10000
+    python -m tools.evaluate --bpd runs/fashion/ddpm.pt --n 100  # the bound in bits/dim (diffusevae.bound_bpd)
+    python -m tools.evaluate --recon runs/fashion/vae.pt         # accuracy on test images and their reconstructions
 
 When a sample file holds both the VAE's x_hat_0 ("vae") and its refinement ("x0"), the CLI also prints how often
 a second classifier, the judge, puts the two in the same class: does the refiner keep the garment the VAE drew?
@@ -36,14 +36,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, save_atomic
+import sample
+from data import DataError, load_dataset, to_model_range
+from diffusevae import bound_bpd
+from runtime import CheckpointError, load_checkpoint, save_atomic
+from vae import VAE
 
 SAMPLE_KEYS = ("x0", "vae")  # sample.py: the DiffuseVAE / DDPM output, and the VAE's own x_hat_0
 # Two classifiers trained independently, neither on the validation split (data.py) nor on the test set: the
 # features of FID/KID (width 32, seed 0, the first half of the training split, sharp images: its features tell blur
 # from detail, as a sample-quality metric must) and the judge of class agreement (width 48, seed 1, the second
 # half, half of each batch blurred, so that it can name the class of a blurry x_hat_0). The judge's features are
-# the second, independent feature space in which sweep.py also scores FID and KID.
+# the second, independent feature space in which tools/sweep.py also scores FID and KID.
 FEATURES, JUDGE = "runs/classifier.pt", "runs/classifier_judge.pt"
 ROLES = {FEATURES: dict(width=32, seed=0, half=0, blur=0.0), JUDGE: dict(width=48, seed=1, half=1, blur=0.5)}
 
@@ -57,8 +61,7 @@ class SamplesError(ValueError):
 def _conv_block(c_in, c_out, n_conv):
     """n_conv 3x3 convs, (B, c_in, H, W) -> (B, c_out, H/2, W/2). The max-pool comes before the last BatchNorm
     and ReLU: max-pooling commutes with a per-channel increasing map (ReLU; BN's affine map when its scale is
-    positive), so the block computes the same kind of function at 1/4 of the elementwise work, which is
-    what costs most on a CPU."""
+    positive), so the block computes the same kind of function at 1/4 of the elementwise work."""
     layers = []
     for i in range(n_conv):
         layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False)]
@@ -101,13 +104,41 @@ def augment(x, generator=None, max_shift=2):
     return padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+def gaussian_kernel1d(sigma, dtype=torch.float64):
+    """k_i = exp(-i^2 / (2 sigma^2)) / sum_j exp(-j^2 / (2 sigma^2)), i = -r..r, r = ceil(3 sigma); sums to 1."""
+    if not sigma > 0:
+        raise ValueError(f"blur sigma must be > 0 (in pixels), got {sigma}")
+    r = math.ceil(3 * sigma)
+    i = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-i ** 2 / (2 * sigma ** 2))
+    return (k / k.sum()).to(dtype)                                  # (2r + 1,)
+
+
+def gaussian_blur(x, sigma):
+    """y = k * (k * x): the separable 2-D Gaussian k(i) k(j), one 1-D pass along H then one along W.
+
+    The image is reflect-padded by r = ceil(3 sigma) (x_{-i} = x_i, no edge repeat), so a constant image stays
+    constant and the per-image mean changes only by boundary terms of order r / H (exactly zero when the
+    image is constant within r + 1 pixels of its border). Each output pixel is a convex combination of
+    inputs, so [-1, 1] is kept; the final clamp only removes float rounding of the kernel's sum.
+    """
+    B, C, H, W = x.shape
+    k = gaussian_kernel1d(sigma, x.dtype).to(x.device)
+    r = (len(k) - 1) // 2
+    if r >= min(H, W):
+        raise ValueError(f"blur radius ceil(3 sigma) = {r} needs H and W > {r} for reflect padding, got {H}x{W}")
+    k_h = k.view(1, 1, -1, 1).expand(C, 1, -1, 1)                    # (C, 1, 2r+1, 1): one filter per channel
+    k_w = k.view(1, 1, 1, -1).expand(C, 1, 1, -1)                    # (C, 1, 1, 2r+1)
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k_h, groups=C)   # (B, C, H+2r, W) -> (B, C, H, W)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k_w, groups=C)   # (B, C, H, W+2r) -> (B, C, H, W)
+    return x.clamp(-1, 1)
+
+
 def blur_augment(x, generator=None, p=0.5, sigmas=(0.5, 1.0, 1.5, 2.0)):
     """Gaussian-blur a random fraction p of x, each with a sigma drawn from `sigmas` (pixels).
 
-    A classifier trained on sharp images only is unsure of blurry ones: ours put a test image and its VAE
-    reconstruction in the same class 74% of the time. Seeing blurred copies in training makes it judge the class
-    of x_hat_0 = dec(z) as well as of a sharp refinement, which the agreement metric needs."""
-    from degrade import gaussian_blur
+    Seeing blurred copies in training lets a classifier judge the class of a blurry x_hat_0 = dec(z) as well as
+    that of a sharp refinement, which the agreement metric needs."""
     pick = torch.randint(1, len(sigmas) + 1, (len(x),), generator=generator)  # which sigma; 0 below: keep sharp
     pick[torch.rand(len(x), generator=generator) >= p] = 0
     out = x.clone()
@@ -138,7 +169,6 @@ def accuracy(model, x, y, batch_size=500):
 
 def _load_real(split, data_dir=None):
     """Fashion-MNIST `split` ("train", "val" or "test", data.py) as float32 (N, 1, 32, 32) in [-1, 1] and labels (N,)."""
-    from data import load_dataset, to_model_range  # lazy: the metric functions need no dataset
     images, labels = load_dataset("fashion_mnist", data_dir=data_dir, split=split)
     return to_model_range(images), labels
 
@@ -377,27 +407,21 @@ def reconstruction_agreement(model, vae, x, y, batch_size=500):
 
 def load_vae(path):
     """The EMA VAE of a stage-1 checkpoint, in eval mode."""
-    from checkpoint import load
-    from vae import VAE
-    ck = load(path, stage="vae", hint="Train one with: python train.py --stage vae")
-    vae = VAE(**ck["model_args"])
-    vae.load_state_dict(ck["ema"])
-    return vae.eval()
+    ck = load_checkpoint(path, stage="vae", hint="Train one with: python train.py --stage vae")
+    return VAE.from_checkpoint(ck)
 
 
 def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0):
     """The bound of diffusevae.bound_bpd on the first n Fashion-MNIST test images: mean and standard error. A refiner
     trained on the timesteps 0..t_start is bounded as sample.py runs it, started at its default start."""
-    from diffusevae import bound_bpd
-    from sample import load_models, parse_args as sample_options, start_of
-    net, vae, diffusion, cfg = load_models(ckpt, torch.device(device))
-    t_start = start_of(sample_options([]), cfg, vae is not None, diffusion)  # None: the whole chain
+    m = sample.load(ckpt, torch.device(device))
+    t_start = sample.start_of(m.cfg)  # None: the whole chain
     x = _load_real("test", data_dir)[0][:n]
     torch.manual_seed(seed)
     parts = {"total": [], "ddpm": [], "kl_z": []}
     for i in range(0, len(x), batch_size):
-        out = bound_bpd(net, diffusion, x[i:i + batch_size].to(device), vae=vae, form=cfg["form"], progress=True,
-                        param=cfg["param"], border=cfg["border"], t_start=t_start)
+        out = bound_bpd(m.net, m.diffusion, x[i:i + batch_size].to(device), vae=m.vae, form=m.cfg["form"],
+                        progress=True, param=m.cfg["param"], t_start=t_start)
         for k in parts:
             parts[k].append(out[k].double().cpu())
     parts = {k: torch.cat(v) for k, v in parts.items()}
@@ -410,7 +434,8 @@ def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0)
 
 def parse_args(argv=None):
     """The CLI's options (argv: a list of strings, default sys.argv[1:]); argparse exits on a bad command."""
-    p = argparse.ArgumentParser(description="FID / KID in the feature space of a small Fashion-MNIST classifier")
+    p = argparse.ArgumentParser(prog="python -m tools.evaluate",
+                                description="FID / KID in the feature space of a small Fashion-MNIST classifier")
     p.add_argument("--samples", help=".npz from sample.py")
     p.add_argument("--key", help=f"array to score (default: each of {', '.join(SAMPLE_KEYS)} the file holds)")
     p.add_argument("--n", type=int, help="score the first n samples (default: all)")
@@ -420,7 +445,7 @@ def parse_args(argv=None):
                    "too (trained on first use)")
     p.add_argument("--train_classifier", action="store_true", help="(re)train and cache both classifiers")
     p.add_argument("--bpd", metavar="CKPT", help="the variational bound in bits/dim of a stage-2 checkpoint on the "
-                   "first --n test images (default 100; T network calls per image: ~1 min per 100 on 2 CPU cores)")
+                   "first --n test images (default 100; T network calls per image)")
     p.add_argument("--recon", metavar="VAE_CKPT", help="the classifier on the first --n test images (default all) and "
                    "on their reconstructions by this stage-1 checkpoint: the ceiling of the class-agreement figure")
     args = p.parse_args(argv)
@@ -432,14 +457,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.bpd:
-        from data import DataError
         try:
             likelihood(args.bpd, n=args.n or 100, data_dir=args.data_dir)
         except (DataError, CheckpointError, ValueError) as e:
             raise SystemExit(f"error: {e}")
         if not (args.samples or args.train_classifier):
             return
-    from data import DataError
     try:
         samples = {k: load_samples(args.samples, k, args.n) for k in keys_to_score(args.samples, args.key)} \
             if args.samples else {}  # checked before anything slow

@@ -1,41 +1,43 @@
 """Benchmark DiffuseVAE's networks: training throughput, FLOPs and fraction of peak, memory, sampling throughput and
-latency, and before/after figures for the speed choices the code makes (modelled on nanoGPT's bench.py).
+latency, and A/B figures for speed choices (modelled on nanoGPT's bench.py).
 
-    python bench.py                        # every section but the diffusers comparison (~15 min on 2 idle CPU cores)
-    python bench.py --quick                # fewer iterations, 250 sampled images, 100/1000 steps extrapolated (a few minutes)
-    python bench.py --only stage2 sample   # some sections: stage2 stage1 unet sample ab diffusers, or all
-    python bench.py --diffusers            # only our CIFAR-10 UNet beside diffusers' UNet2DModel (needs diffusers)
-    python bench.py --diffusers --iters 2 --rounds 10   # the same, finer interleaved: steadier on a noisy machine
-    python bench.py --quick --iters 1      # a smoke run: one timed iteration of everything
-    python bench.py --device cpu --json bench.json
-    OMP_NUM_THREADS=1 python bench.py --quick      # one core
+    python -m tools.bench                        # every section but the diffusers comparison
+    python -m tools.bench --quick                # fewer iterations, 250 sampled images, 100/1000 steps extrapolated
+    python -m tools.bench --only stage2 sample   # some sections: stage2 stage1 unet sample ab diffusers, or all
+    python -m tools.bench --diffusers            # only our CIFAR-10 UNet beside diffusers' UNet2DModel (diffusers)
+    python -m tools.bench --diffusers --iters 2 --rounds 10   # the same, finer interleaved: steadier on a noisy machine
+    python -m tools.bench --quick --iters 1      # a smoke run: one timed iteration of everything
+    python -m tools.bench --device cpu --json bench.json
+    OMP_NUM_THREADS=1 python -m tools.bench --quick      # one core
 
-Sections. stage2: train.py's stage-2 step end to end (x_hat_0 from the frozen VAE, L_DDPM, backward, clipping,
-AdamW, EMA), the encoder + decoder of every batch (train.py --no_cache) against the cached q(z|x) codes (decoder
-only), contiguous against channels_last, UpsampleConv as nearest x2 + 3x3 conv against its transposed form, the
-UNet's ResBlocks making a new tensor at every op against computing in place (code_path), and train.py --border 2
-(the UNet on the 28x28 content inside Fashion-MNIST's frame, not the default). stage1: the VAE's step
-by the paths of STEP_PATHS (layout, up-conv form; it has no ResBlocks). unet: the UNet's step by every path of
-STEP_PATHS (layout, up-conv form, in place), its share of the conv peak, and the convolution shapes that take its
-time (torch.profiler). sample: 10-step refinement of 1000 images by the same paths (the last is sample.py's), and
-the latency of 10, 100 and 1000 steps. ab: the EMA and attention
-kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel. In every before/after the "before" is the
-code of the speed issue's time (contiguous, nearest+conv, a new tensor at every op, and for stage 2 the encoder on
-every batch).
+Paths. Every network runs by the paths of STEP_PATHS: its memory layout (contiguous or channels_last), and two
+alternatives to the core's code that this file defines and patches into a model instance (code_path): every
+upsampling conv (nearest x2 then a 3x3 conv) computed as one stride-2 transposed conv (TransposedUpConv), and the
+UNet's ResBlocks adding in place (InPlaceResBlock). The last path is train.py's and sample.py's (channels_last,
+the core's code). In every A/B the "before" is the first path (contiguous).
 
-The networks are built from train.PRESETS as train.py builds them, with random weights and random inputs in [-1, 1]
-(the speed depends on neither); data loading is not timed. On CUDA the steps run under runtime.py's bf16 autocast
-with TF32; on the CPU in fp32, and on a CPU with AMX stage2, stage1 and unet add train.py's path under bf16
-autocast (train.py --bf16 on; with_bf16), its % of peak taken of the bf16 peaks measured there. FLOPs are counted
-by torch.utils.flop_counter (matmuls, convolutions, attention; forward + backward; elementwise ops are not
-counted). Machines differ (2.2x between sessions here) and jobs running beside the bench move it within one run,
-so every before/after is measured in the same run, interleaved (before, after, before, after, ...), each variant's
-figure the mean of its fastest round: compare ratios across machines; absolute figures are labelled with the matmul
-and conv peaks measured at the start. Benchmarks never go in tests/: their numbers belong to a machine
-(tests/test_bench.py only checks that the code runs and measures the same step).
+Sections. stage2: train.train_step of stage 2 end to end (the batch, x_hat_0 from the frozen VAE's encoder and
+decoder, L_DDPM, backward, clipping, AdamW, EMA) by every path, both networks in the path's layout and code.
+stage1: train.train_step of stage 1 (the VAE's negative ELBO) by the paths without ResBlocks. unet: the UNet's
+step with x_hat_0 given by every path, its share of the conv peak, and the convolution shapes that take its time
+(torch.profiler). sample: 10-step refinement of 1000 images by every path, and the latency of 10, 100 and 1000
+steps. ab: the EMA and attention kernels. diffusers: our CIFAR-10 UNet beside diffusers' UNet2DModel.
+
+The networks are built from train.PRESETS as train.py builds them, with random weights, and the training steps
+draw their batches from random uint8 images held in memory as train.py holds its dataset (the speed depends on
+neither); reading the dataset from disk is not timed. On CUDA the steps run under runtime.py's bf16 autocast with
+TF32; on the CPU in fp32, and on a CPU with AMX stage2, stage1 and unet add train.py's path under bf16 autocast
+(train.py --bf16 on; with_bf16), its % of peak taken of the bf16 peaks measured there. FLOPs are counted by
+torch.utils.flop_counter (matmuls, convolutions, attention; forward + backward; elementwise ops are not counted).
+Jobs running beside the bench move its figures within one run, so every A/B is measured in the same run,
+interleaved (before, after, before, after, ...), each variant's figure the mean of its fastest round: compare
+ratios across machines; absolute figures are labelled with the matmul and conv peaks measured at the start.
+Benchmarks never go in tests/: their numbers belong to a machine (tests/test_bench.py only checks that the code
+runs and measures the same step).
 """
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -46,6 +48,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -54,17 +57,22 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import diffusevae as DV
 import runtime
-from train import EMA, PRESETS, make_unet, make_vae, step_seed
-from unet import ResBlock, UpsampleConv
+import train
+import unet
+from data import to_model_range
+from train import EMA, PRESETS
+from vae import VAE
 
 IMG_CH = {"fashion_mnist": 1, "cifar10": 3}  # image channels of each preset's dataset
 SECTIONS = ("stage2", "stage1", "unet", "sample", "ab", "diffusers")
 DEFAULT_SECTIONS = SECTIONS[:-1]  # diffusers is not a dependency: asked for by name only
 CL = torch.channels_last
+SHARD_IMAGES = 512  # the random training images a stage-1 or stage-2 step draws its batch from
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer iterations: a rough figure in a minute or two")
     p.add_argument("--only", nargs="+", choices=SECTIONS + ("all",), default=None, metavar="SECTION",
                    help=f"run these sections: {', '.join(SECTIONS)}, or all (default: all but diffusers)")
@@ -142,8 +150,8 @@ def measure_peaks(device):
         a16, b16 = a.bfloat16(), b.bfloat16()
         return {"matmul tf32": gflops(lambda: a @ b, 2 * n**3),  # fp32 inputs, TF32 allowed as in train.py
                 "matmul bf16": gflops(lambda: a16 @ b16, 2 * n**3)}
-    x, w = torch.randn(16, 256, 16, 16), torch.randn(256, 256, 3, 3)  # oneDNN's direct conv can outrun MKL's sgemm
-    conv_flops = 2 * 16 * 256 * 256 * 9 * 16 * 16                   # (2.2x on an AVX-512 AMD EPYC): take the larger
+    x, w = torch.randn(16, 256, 16, 16), torch.randn(256, 256, 3, 3)  # oneDNN's direct conv can outrun MKL's sgemm:
+    conv_flops = 2 * 16 * 256 * 256 * 9 * 16 * 16                   # the larger of the two is the peak
     peaks = {"matmul fp32": gflops(lambda: a @ b, 2 * n**3), "conv3x3 fp32": gflops(lambda: F.conv2d(x, w, padding=1),
                                                                                      conv_flops)}
     if runtime.cpu_has_amx():  # the denominators of the "bf16 autocast" rows (with_bf16)
@@ -166,10 +174,6 @@ def commit():
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
 
-
-def autocast(device, bf16=False):
-    """runtime.py's autocast for the device: bf16 on CUDA, nothing on the CPU unless bf16 (train.py --bf16 on)."""
-    return runtime.autocast(runtime.choose(device.type, bf16=bf16 or None))
 
 
 def show(title, header, rows):
@@ -198,38 +202,83 @@ AB_IMG_HEADER = AB_HEADER + ["before img/s", "after img/s"]
 # ----------------------------------------------------------------------------- the networks, as train.py builds them
 
 def build(kind, preset, device, dropout=None):
-    """kind 'vae', 'unet' (conditioned on x_hat_0: DiffuseVAE) or 'ddpm' (unconditional), random weights."""
+    """kind 'vae', 'unet' (conditioned on x_hat_0: DiffuseVAE) or 'ddpm' (unconditional), random weights, built
+    with the preset's settings as train.start builds them."""
     cfg = PRESETS[preset]
     img_ch = IMG_CH[cfg["dataset"]]
     if kind == "vae":
-        return make_vae(cfg, img_ch).to(device)
-    return make_unet(cfg, img_ch, cond_ch=img_ch if kind == "unet" else 0, dropout=dropout).to(device)
+        return VAE(img_ch=img_ch, image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"]).to(device)
+    return unet.UNet(img_ch=img_ch, cond_ch=img_ch if kind == "unet" else 0, ch=cfg["ch"], ch_mult=cfg["ch_mult"],
+                     num_res_blocks=cfg["num_res_blocks"], attn_resolutions=cfg["attn_resolutions"],
+                     dropout=cfg["dropout"] if dropout is None else dropout, image_size=cfg["image_size"],
+                     norm_groups=cfg["norm_groups"]).to(device)
 
 
-def code_path(model, fast_up, in_place=True):
-    """The model's old or new code paths (the before/after rows): every UpsampleConv as one transposed conv
-    (fast_up, train.py's) or as nearest x2 then a 3x3 conv (the definition, the code before the transposed form);
-    every ResBlock computing in place (train.py's) or making a new tensor at every op (the code before)."""
-    for m in model.modules():
-        if isinstance(m, UpsampleConv):
-            m.fast = fast_up
-        if isinstance(m, ResBlock):
-            m.in_place = in_place
+def four_taps(w, dim):
+    """The taps (w_2, w_1 + w_2, w_0 + w_1, w_0) along `dim` of a kernel with taps (w_0, w_1, w_2) along it."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+
+class TransposedUpConv(nn.Conv2d):
+    """A 3x3 conv (stride 1, padding 1) of the nearest-neighbour x2 upsampled input, (B, C_in, H, W) ->
+    (B, C_out, 2H, 2W), computed as the same linear map in one stride-2 transposed conv: output pixel (2i + a,
+    2j + b) sees only x's rows i - 1 + a .. i + a and columns j - 1 + b .. j + b, so along each axis input row i
+    reaches output rows 2i - 1 .. 2i + 2 with the taps four_taps gives. 16 multiply-adds per input pixel and
+    channel pair where upsampling then a 3x3 conv does 36, and the 4x larger copy of x is never made. The
+    parameters are the 3x3 conv's."""
+
+    def forward(self, x):
+        k = four_taps(four_taps(self.weight, 2), 3)                            # (C_out, C_in, 4, 4)
+        return F.conv_transpose2d(x, k.transpose(0, 1), self.bias, stride=2, padding=1)  # wants (C_in, C_out, 4, 4)
+
+
+class TransposedUpsample(unet.Upsample):
+    """unet.Upsample with its conv a TransposedUpConv, which upsamples itself."""
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+class InPlaceResBlock(unet.ResBlock):
+    """unet.ResBlock adding in place where nothing reads the old values: into the conv outputs (a conv's backward
+    needs its input, not its output); SiLU overwrites GroupNorm's output only when no graph is recorded."""
+
+    def forward(self, x, temb):
+        silu_in_place = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=silu_in_place))
+        h.add_(self.temb_proj(F.silu(temb))[:, :, None, None])
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=silu_in_place)))
+        return self.attn(h.add_(self.skip(x)))
+
+
+def code_path(model, fast_up=False, in_place=False):
+    """The model (in place) with its upsampling convs as TransposedUpConvs (fast_up: the UNet's Upsamples, and in
+    the VAE's decoder each nn.Upsample + Conv2d pair) and its ResBlocks as InPlaceResBlocks (in_place); the same
+    parameters and state_dict keys. Both False: the core's code, unchanged."""
+    for m in list(model.modules()):
+        if fast_up and type(m) is unet.Upsample:
+            m.__class__, m.conv.__class__ = TransposedUpsample, TransposedUpConv
+        if fast_up and isinstance(m, nn.Sequential) and len(m) > 1 and isinstance(m[0], nn.Upsample):
+            assert m[0].scale_factor == 2 and m[0].mode == "nearest" and m[1].kernel_size == (3, 3), m
+            m[0], m[1].__class__ = nn.Identity(), TransposedUpConv
+        if in_place and type(m) is unet.ResBlock:
+            m.__class__ = InPlaceResBlock
     return model
 
 
-# the before/after paths of a training step: name -> (channels_last, UpsampleConv as a transposed conv, ResBlocks in
-# place); the first is the code of the speed issue's time, the last train.py's and sample.py's on the CPU
-STEP_PATHS = {"contiguous, nearest+conv": (False, False, False), "channels_last, nearest+conv": (True, False, False),
-              "channels_last, transposed up-conv": (True, True, False),
-              "channels_last, transposed, in place": (True, True, True)}
+# the paths of a training step: name -> (channels_last, upsampling as TransposedUpConv, InPlaceResBlocks); the first
+# is every A/B's "before", the last train.py's and sample.py's (runtime.CPU_CHANNELS_LAST; channels_last on CUDA)
+STEP_PATHS = {"contiguous": (False, False, False), "channels_last, transposed up-conv": (True, True, False),
+              "channels_last, transposed, in place": (True, True, True), "channels_last": (True, False, False)}
 VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks
 BF16 = ", bf16 autocast"  # the name's suffix of a path run under train.py --bf16 on
 
 
 def with_bf16(paths, device, base=None):
     """paths, plus the path `base` (default: the last, train.py's) under bf16 autocast where that is a choice worth
-    measuring: on a CPU with AMX. On CUDA every path runs under bf16 already; on other CPUs bf16 is 20-500x slower."""
+    measuring: on a CPU with AMX. On CUDA every path runs under bf16 already; on a CPU without AMX bf16 convs are
+    many times slower than fp32 (runtime.slow_bf16_warning)."""
     if device.type != "cpu" or not runtime.cpu_has_amx():
         return paths
     base = base or list(paths)[-1]
@@ -249,12 +298,48 @@ def random_images(cfg, batch, device):
     return torch.rand(batch, IMG_CH[cfg["dataset"]], s, s, device=device) * 2 - 1  # (B, C, S, S) in [-1, 1]
 
 
+def random_shard(cfg, n):
+    """n random uint8 images (n, C, S, S) on the CPU: what train.py holds of its dataset and draws batches from."""
+    s = cfg["image_size"]
+    return torch.randint(0, 256, (n, IMG_CH[cfg["dataset"]], s, s), dtype=torch.uint8)
+
+
 def t_max_of(cfg):
     return None if cfg["t_start"] == "full" else cfg["t_start"]
 
 
-def optimise(model, opt, ema, loss, step):
-    """The end of train.py's step: backward, gradient clipping, AdamW, EMA."""
+def runtime_of(device, channels_last, bf16=False):
+    """runtime.choose's decisions for the device, in the given memory format; bf16: autocast on the CPU too
+    (train.py --bf16 on)."""
+    return dataclasses.replace(runtime.choose(device, bf16=bf16 or None), channels_last=channels_last)
+
+
+def autocast(device, bf16=False):
+    """runtime.py's autocast for the device: bf16 on CUDA, nothing on the CPU unless bf16 (train.py --bf16 on)."""
+    return runtime.autocast(runtime.choose(device.type, bf16=bf16 or None))
+
+
+def make_run(stage, preset, batch, device, channels_last, fast_up=False, in_place=False, bf16=False, seed=0):
+    """A train.Run of stage 'vae' or 'ddpm' (DiffuseVAE, form 2) as train.start sets it up, on random weights and
+    random_shard's images, by one path: the networks in the path's memory format and code (code_path), the
+    stage-2 VAE frozen. torch is seeded with `seed` first, so every path gets the same weights and images."""
+    cfg = dict(PRESETS[preset], batch_size=batch, peak_lr=PRESETS[preset]["vae_lr" if stage == "vae" else "lr"])
+    rt = runtime_of(device, channels_last, bf16)
+    torch.manual_seed(seed)
+    run = train.Run(argparse.Namespace(stage=stage, seed=seed, form=2, cond="vae"), cfg, rt)
+    model = code_path(build("vae", preset, device), fast_up)
+    if stage == "ddpm":
+        run.vae = runtime.prepare_model(model.eval().requires_grad_(False), rt)[0]
+        model = code_path(build("unet", preset, device), fast_up, in_place)
+        run.diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
+    run.images = run.shard = random_shard(cfg, max(SHARD_IMAGES, batch))
+    run.raw, run.model = runtime.prepare_model(model, rt)
+    run.ema, run.opt = EMA(run.raw, cfg["ema_decay"]), runtime.make_optimizer(run.raw.parameters(), cfg["peak_lr"], rt)
+    return run
+
+
+def optimise(model, opt, ema, loss):
+    """The end of train.train_step: backward, gradient clipping, AdamW, EMA."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -264,10 +349,19 @@ def optimise(model, opt, ema, loss, step):
 
 # ----------------------------------------------------------------------------- training steps
 
-def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_place=True, bf16=False):
-    """train.py's optimisation step of the VAE (stage 1) or the UNet (stage 2, x_hat_0 given) on a fixed random
-    batch -> (step, loss_fn, model); step() runs forward, backward, clipping, AdamW and the EMA update; bf16: the
-    forward under bf16 autocast on the CPU too (train.py --bf16 on)."""
+def train_step(kind, preset, batch, device, channels_last, fast_up=False, in_place=False, bf16=False):
+    """The optimisation step of the VAE (kind 'vae': train.train_step of stage 1) or of the UNet alone (kind
+    'unet': x_hat_0 given, a fixed random batch; the rest as train.train_step of stage 2) -> (step, loss_fn,
+    model); step() runs forward, backward, clipping, AdamW and the EMA update, loss_fn() the forward on a batch of
+    the step's shape; bf16: the forward under bf16 autocast on the CPU too (train.py --bf16 on)."""
+    if kind == "vae":
+        run = make_run("vae", preset, batch, device, channels_last, fast_up, bf16=bf16)
+        x0 = runtime.prepare_batch(to_model_range(run.shard[:batch]), run.rt)
+
+        def vae_loss():
+            with runtime.autocast(run.rt):
+                return run.model(x0).mean()
+        return lambda: train.train_step(run), vae_loss, run.raw
     cfg = PRESETS[preset]
     model = code_path(build(kind, preset, device).train(), fast_up, in_place)
     x0 = random_images(cfg, batch, device)
@@ -276,22 +370,13 @@ def train_step(kind, preset, batch, device, channels_last, fast_up=True, in_plac
         model.to(memory_format=CL)
         x0, x_hat0 = (x.contiguous(memory_format=CL) for x in (x0, x_hat0))
     diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
-    opt = runtime.make_optimizer(model.parameters(), cfg["vae_lr" if kind == "vae" else "lr"],
-                                 runtime.choose(device.type))
-    ema, count = EMA(model, cfg["ema_decay"]), [0]
+    opt = runtime.make_optimizer(model.parameters(), cfg["lr"], runtime.choose(device.type))
+    ema = EMA(model, cfg["ema_decay"])
 
     def loss_fn():
         with autocast(device, bf16):
-            if kind == "vae":
-                rec, kl, _ = model(x0)
-                return (kl - rec).mean() / x0[0].numel()  # the negative ELBO per dimension
-            return DV.ddpm_loss(model, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"],
-                                border=cfg["border"])[0].mean()
-
-    def step():
-        optimise(model, opt, ema, loss_fn(), count[0])
-        count[0] += 1
-    return step, loss_fn, model
+            return DV.ddpm_loss(model, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"])[0].mean()
+    return lambda: optimise(model, opt, ema, loss_fn()), loss_fn, model
 
 
 def count_flops(loss_fn, model):
@@ -331,63 +416,20 @@ TRAIN_HEADER = ["model", "batch", "params", "path", "ms/step", "img/s", "GFLOP/s
                 "peak MiB"]
 
 
+
 # ----------------------------------------------------------------------------- stage 2 end to end
 
-# name: (x_hat_0 from cached codes, UNet channels_last, VAE channels_last, UpsampleConv as a transposed conv, the
-# UNet's ResBlocks in place, train.py --border); the first is the "before" (the code of the speed issue's time), the
-# fifth train.py's default, the last train.py --border 2 (the 28x28 content of Fashion-MNIST's 32x32 images)
-STAGE2_VARIANTS = {
-    "encoder+decoder, contiguous, nearest+conv": (False, False, False, False, False, 0),
-    "cached codes, contiguous, nearest+conv": (True, False, False, False, False, 0),
-    "cached, both channels_last, nearest+conv": (True, True, True, False, False, 0),
-    "cached, both channels_last, transposed up-conv": (True, True, True, True, False, 0),
-    "cached, channels_last, transposed, in place": (True, True, True, True, True, 0),
-    "the same, --border 2": (True, True, True, True, True, 2),
-}
+def stage2_step(preset, batch, device, channels_last=False, fast_up=False, in_place=False, bf16=False, seed=0):
+    """train.train_step of stage 2 on make_run's Run by one path, as step() -> the loss: the batch, x_hat_0 from the
+    frozen VAE's encoder and decoder (diffusevae.condition_from_vae), L_DDPM (form 2, t <= the preset's t_start),
+    backward, clipping, AdamW, EMA. Each step seeds torch as train.py does (step_seed), so every path draws the
+    same batch, z, t and noise and trains the same model."""
+    run = make_run("ddpm", preset, batch, device, channels_last, fast_up, in_place, bf16, seed)
+    return lambda: train.train_step(run).detach()
 
 
-def stage2_step(preset, batch, device, cached, unet_cl=False, vae_cl=False, fast_up=True, in_place=True, border=0,
-                bf16=False, seed=0):
-    """train.py's stage-2 step on a fixed random batch, as step() -> the loss: x_hat_0 from the frozen VAE (no
-    grad), L_DDPM (form 2, t <= the preset's t_start), backward, clipping, AdamW, EMA. cached: x_hat_0 = dec(z),
-    z ~ q(z|x) from codes encoded once beforehand (train.py's default); else encoder + decoder on every batch
-    (train.py --no_cache). Each step seeds torch as train.py does (step_seed), then z, t and noise are drawn in
-    train.py's order, so the two paths draw the same z, t and noise and train the same model. fast_up: the
-    UpsampleConvs of both networks as transposed convs (train.py's), else as nearest x2 then a 3x3 conv; in_place:
-    the UNet's ResBlocks compute in place (train.py's), else a new tensor at every op (code_path); border: the UNet
-    on the images' content without this frame (train.py --border; diffusevae.content); bf16: under bf16 autocast on
-    the CPU too (train.py --bf16 on)."""
-    cfg = dict(PRESETS[preset], border=border)
-    img_ch = IMG_CH[cfg["dataset"]]
-    torch.manual_seed(seed)  # the same weights and batch for every variant
-    vae = code_path(make_vae(cfg, img_ch).to(device).eval().requires_grad_(False), fast_up)
-    unet = code_path(make_unet(cfg, img_ch, cond_ch=img_ch).to(device).train(), fast_up, in_place)
-    x0 = random_images(cfg, batch, device)
-    if vae_cl:
-        vae.to(memory_format=CL)
-    if unet_cl:
-        unet.to(memory_format=CL)
-        x0 = x0.contiguous(memory_format=CL)  # the batch in the UNet's layout, as runtime.prepare_batch
-    with torch.no_grad():
-        codes = vae.encode(x0)  # (mu, logvar) of q(z|x): stage 1's cache, made once, not timed
-    diffusion = ddpm.make_diffusion(cfg["schedule"], cfg["T"]).to(device)
-    opt = runtime.make_optimizer(unet.parameters(), cfg["lr"], runtime.choose(device.type))
-    ema, count = EMA(unet, cfg["ema_decay"]), [0]
-
-    def step():
-        torch.manual_seed(step_seed(seed, 0, count[0]))  # z, then t and noise, as in train.py
-        with autocast(device, bf16):
-            x_hat0 = (DV.condition_from_codes(vae, *codes) if cached else DV.condition_from_vae(vae, x0))[0]
-            loss = DV.ddpm_loss(unet, diffusion, x0, x_hat0, form=2, t_max=t_max_of(cfg), param=cfg["param"],
-                                border=border)[0].mean()
-        optimise(unet, opt, ema, loss, count[0])
-        count[0] += 1
-        return loss.detach()
-    return step
-
-
-def bench_stage2(preset, device, iters, rounds, variants=STAGE2_VARIANTS):
-    """Stage 2 end to end, each variant against the first (the encoder on every batch, contiguous): A/B rows."""
+def bench_stage2(preset, device, iters, rounds, variants=STEP_PATHS):
+    """Stage 2 end to end, each path against the first (contiguous): A/B rows."""
     batch = PRESETS[preset]["batch_size"]
     steps = {name: stage2_step(preset, batch, device, *flags) for name, flags in variants.items()}
     sec = race(steps, iters, rounds, device, warmup=2)  # as bench_train: AdamW's state, oneDNN's primitives
@@ -455,7 +497,8 @@ def conv_profile(step, device, conv_peak, steps=3, top=8):
 
 def bench_sampling_ab(device, n_images, batch, paths=STEP_PATHS):
     """10-step refinement (diffusevae.refine, form 2, from the cpu preset's t_start) of n_images in batches,
-    the same UNet and inputs by each path (STEP_PATHS), the batches interleaved: A/B rows in images/s."""
+    the same UNet and inputs by each path (STEP_PATHS; the last is sample.py's), the batches interleaved: A/B rows
+    in images/s."""
     cfg = PRESETS["cpu"]
     torch.manual_seed(0)
     net, vae = build("unet", "cpu", device).eval(), build("vae", "cpu", device).eval()
@@ -467,7 +510,7 @@ def bench_sampling_ab(device, n_images, batch, paths=STEP_PATHS):
 
     def refine(p, steps=10):
         return lambda: DV.refine(nets[p], diffusion, inputs[p], form=2, steps=steps, t_start=cfg["t_start"],
-                                 param=cfg["param"], border=cfg["border"])
+                                 param=cfg["param"])
     with torch.inference_mode():
         for p in nets:
             refine(p, steps=1)()  # warm-up at the batch's shapes
@@ -490,9 +533,8 @@ def bench_sampling(device, batch, quick, n, channels_last):
     # --quick: every step is one denoiser call of the same cost, so 100 and 1000 steps are 10x and 100x 10 steps
     measured = (10,) if quick else (10, 100, 1000)
     with torch.inference_mode():
-        DV.refine(net, diffusion, x_hat0, form=2, steps=10, border=cfg["border"])  # warm-up
-        sec = {s: timeit(lambda: DV.refine(net, diffusion, x_hat0, form=2, steps=s, border=cfg["border"]), 1, device,
-                         warmup=0)
+        DV.refine(net, diffusion, x_hat0, form=2, steps=10)  # warm-up
+        sec = {s: timeit(lambda: DV.refine(net, diffusion, x_hat0, form=2, steps=s), 1, device, warmup=0)
                for s in measured}
     rows = []
     for s in (10, 100, 1000):
@@ -500,7 +542,6 @@ def bench_sampling(device, batch, quick, n, channels_last):
         how = "measured" if s in sec else "extrapolated linearly from 10 steps"
         rows.append(dict(steps=s, batch=batch, seconds=seconds, ms_per_image=1e3 * seconds / batch, how=how))
     mem = peak_memory_mib(device)
-    x_hat0 = DV.content(x_hat0, cfg["border"])  # what the network sees
     x, t = torch.randn_like(x_hat0), torch.full((batch,), cfg["T"] // 2, device=device)
     modes = {"autograd on": torch.enable_grad, "no_grad (refine's own)": torch.no_grad,
              "inference_mode (sample.py)": torch.inference_mode}
@@ -522,9 +563,10 @@ def bench_ema(preset, device, iters):
 
     @torch.no_grad()
     def loop():
-        for e, p in zip(ema.params, model.parameters()):
+        for e, p in zip(ema.model.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
-    return ab_row(f"(b) EMA update, {preset} UNet ({len(ema.params)} tensors, {n_params(model):,} params)",
+    n_tensors = len(list(model.parameters()))
+    return ab_row(f"(b) EMA update, {preset} UNet ({n_tensors} tensors, {n_params(model):,} params)",
                   "per-tensor loop", "_foreach_lerp_", 1e3 * timeit(loop, iters, device),
                   1e3 * timeit(lambda: ema.update(model), iters, device))
 
@@ -556,11 +598,11 @@ def bench_attention(preset, batch, device, iters):
 
 def bench_diffusers(UNet2DModel, device, batch, iters, rounds):
     """Our canonical DDPM CIFAR-10 UNet (unconditional, dropout 0) beside diffusers' UNet2DModel, matched, both in
-    the same memory format (rows per layout), interleaved in one process on the same batch; ours also with its
-    UpsampleConvs as nearest x2 then a 3x3 conv, the computation diffusers' Upsample2D does."""
+    the same memory format (rows per layout), interleaved in one process on the same batch; ours (nearest x2 then a
+    3x3 conv in each Upsample, as diffusers' Upsample2D) also with its upsampling as TransposedUpConvs (code_path)."""
     cfg = PRESETS["cifar10"]
     ours = build("ddpm", "cifar10", device, dropout=0.0)
-    ours_nearest = code_path(copy.deepcopy(ours), fast_up=False)
+    ours_transposed = code_path(copy.deepcopy(ours), fast_up=True)
     attn = [cfg["image_size"] // 2**i in cfg["attn_resolutions"] for i in range(len(cfg["ch_mult"]))]
     chans = [cfg["ch"] * m for m in cfg["ch_mult"]]
     theirs = UNet2DModel(
@@ -578,7 +620,7 @@ def bench_diffusers(UNet2DModel, device, batch, iters, rounds):
     for cl in (False, True):
         xl = x.contiguous(memory_format=CL) if cl else x
         for name, model, output in (("ours (unet.UNet)", ours, lambda out: out),
-                                    ("ours, nearest+conv upsampling", ours_nearest, lambda out: out),
+                                    ("ours, transposed up-conv", ours_transposed, lambda out: out),
                                     ("diffusers UNet2DModel", theirs, lambda out: out.sample)):
             m = copy.deepcopy(model).to(memory_format=CL) if cl else model
 
@@ -637,15 +679,15 @@ def main(argv=None):
     ab_note = "speedup = before / after; below 1: slower on this machine"
 
     if "stage2" in args.only:
-        variants = with_bf16(STAGE2_VARIANTS, device, base="cached, channels_last, transposed, in place")
-        rows = out["stage2"] = bench_stage2("cpu", device, n(5, 2), rounds, variants)
-        show(f"stage-2 step end to end (x_hat_0 from the frozen VAE + L_DDPM + backward + clip + AdamW + EMA), "
-             f"before = train.py --no_cache; {ab_note} {tag}", AB_IMG_HEADER, rows)
+        rows = out["stage2"] = bench_stage2("cpu", device, n(5, 2), rounds, with_bf16(STEP_PATHS, device))
+        show(f"stage-2 step end to end, train.train_step (x_hat_0 from the frozen VAE + L_DDPM + backward + clip + "
+             f"AdamW + EMA); {ab_note} {tag}", AB_IMG_HEADER, rows)
     if "stage1" in args.only:
         rows, ab = bench_train("vae", "cpu", PRESETS["cpu"]["batch_size"], device, n(15, 3), rounds, peak,
                                with_bf16(VAE_PATHS, device), bf16_peak)
         out["stage1"] = dict(rows=rows, ab=ab)
-        show(f"stage-1 (VAE) training step: forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} {tag}",
+        show(f"stage-1 (VAE) training step, train.train_step: forward + backward + clip + AdamW + EMA. Peak memory: "
+             f"{mem_kind} {tag}",
              TRAIN_HEADER, rows)
         show(f"stage-1 A/B ({ab_note})", AB_IMG_HEADER, ab)
     if "unet" in args.only:
@@ -662,7 +704,7 @@ def main(argv=None):
         step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
         convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
         path = next(p for p, (cl, fast, in_place) in STEP_PATHS.items()
-                    if cl == rt.channels_last and fast and in_place)
+                    if cl == rt.channels_last and not fast and not in_place)
         mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
         print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
               f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "
@@ -697,7 +739,7 @@ def main(argv=None):
         print("parameter counts identical: the same modules" if ours == theirs else f"parameter difference "
               f"{theirs - ours:+,}: the mapping in bench_diffusers no longer matches the preset")
         by = {(r["model"], r["layout"]): r["ms_fwd_bwd"] for r in rows}
-        for name in ("ours (unet.UNet)", "ours, nearest+conv upsampling"):
+        for name in ("ours (unet.UNet)", "ours, transposed up-conv"):
             print(f"img/s {name} / diffusers: " + ", ".join(
                 f"{lay} {by['diffusers UNet2DModel', lay] / by[name, lay]:.2f}" for lay in ("contiguous", "channels_last")))
     print(f"\ntotal {time.time() - t_start:.0f} s")

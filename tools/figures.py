@@ -1,14 +1,15 @@
 """The pictures LESSONS.md refers to, written to figures/ (generated files), each in under a minute on a CPU.
 
-    python figures.py                      # all three
-    python figures.py --only schedules     # alpha-bar_t and log SNR_t of the linear and cosine schedules
-    python figures.py --only forward       # Formulation 1 vs 2 on one Fashion-MNIST test image, same noise
-    python figures.py --only steps         # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
-    python figures.py --only steps --ckpt runs/form1/ddpm.pt    # the same for another stage-2 checkpoint
-    python figures.py --only steps --no_clip   # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
-    python figures.py --only guidance --results runs/cfg_sweep/results.json   # FID and class kept against w
+    python -m tools.figures                      # all three
+    python -m tools.figures --only schedules     # alpha-bar_t and log SNR_t of the linear and cosine schedules
+    python -m tools.figures --only forward       # Formulation 1 vs 2 on one Fashion-MNIST test image, same noise
+    python -m tools.figures --only steps         # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
+    python -m tools.figures --only steps --ckpt runs/form1/ddpm.pt    # the same for another stage-2 checkpoint
+    python -m tools.figures --only steps --no_clip   # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
+    python -m tools.figures --only guidance --results runs/cfg_sweep/results.json   # FID and class kept against w
 
-plot_loss draws the training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png).
+The training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png) are drawn by
+data.save_loss_curve.
 
 Timesteps are code indices t = 0..T-1 (the paper's 1..T), as everywhere in the code. Images are in [-1, 1]
 and shown through data.to_unit_range (clamped to [0, 1]).
@@ -24,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import ddpm
-import diffusevae as DV
-from checkpoint import load
+import diffusevae
+import runtime
+import sample
 from data import load_dataset, to_model_range, to_unit_range
 from vae import VAE, sample_prior
 
@@ -67,9 +69,7 @@ def forward():
     x0 = to_model_range(images[:1])                                        # (1, 1, 32, 32)
     path = "runs/fashion/vae.pt"
     if os.path.exists(path):
-        ck = load(path, stage="vae")
-        vae = VAE(**ck["model_args"])
-        vae.load_state_dict(ck["ema"])
+        vae = VAE.from_checkpoint(runtime.load_checkpoint(path, stage="vae"))
         with torch.no_grad():
             x_hat0 = vae.eval().decode(vae.encode(x0)[0])                   # dec(mu(x_0))
         source = f"x_hat_0 = dec(mu(x_0)), VAE of {path}"
@@ -85,7 +85,7 @@ def forward():
     for j, i in enumerate(ts, start=1):
         t = torch.tensor([i])
         x1 = diffusion.q_sample(x0, t, noise)                               # form 1: sqrt(ab) x_0 + sqrt(1-ab) eps
-        x2 = DV.form2_q_sample(diffusion, x0, t, x_hat0, noise)             # form 2: the same + x_hat_0
+        x2 = diffusevae.form2_q_sample(diffusion, x0, t, x_hat0, noise)     # form 2: the same + x_hat_0
         gap = max(gap, (x2 - x_hat0 - x1).abs().max().item())
         show(axes[0, j], x1, f"t={i}"), show(axes[1, j], x2, f"t={i}"), show(axes[2, j], x2 - x_hat0, f"t={i}")
     for ax, label in zip(axes[:, 0], ["form 1: x_t", "form 2: x_t", "form 2: x_t - x_hat_0"]):
@@ -95,40 +95,39 @@ def forward():
     save(fig, "forward_form1_vs_form2.png")
 
 
-def step_counts(diffusion, cfg):
-    """The STEP_COUNTS a checkpoint's refiner can take from its default start (diffusevae.sample_start): a DDIM run
-    from t_start visits distinct timesteps in 0..t_start, so at most t_start + 1 of them (T for the full chain)."""
-    start = DV.sample_start(cfg)
-    most = diffusion.T if start is None else min(int(start) + 1, diffusion.T)
+def step_counts(cfg):
+    """The STEP_COUNTS a checkpoint's refiner can take from its default start (sample.start_of): a DDIM run from
+    t_start visits distinct timesteps in 0..t_start, so at most t_start + 1 of them (T for the full chain)."""
+    start = sample.start_of(cfg)
+    most = cfg["T"] if start is None else min(start + 1, cfg["T"])
     return [n for n in STEP_COUNTS if n <= most]
 
 
 def steps(ckpt, clip=True):
-    """The same 8 z's from the VAE's prior (the ex-post mixture when the checkpoint has one, as sample.py draws them):
-    x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps, those the refiner's start allows."""
+    """The same 8 z's from the VAE's prior (the ex-post mixture the checkpoint holds, as sample.py draws them):
+    x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps, those the refiner's start
+    allows, from the same starting noise in every row."""
     if not os.path.exists(ckpt):
         print(f"skipping samples_vs_steps.png: no {ckpt} (train one: python train.py --stage ddpm)")
         return
-    from sample import generate, image_size, load_models, parse_args as sample_options
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net, vae, diffusion, cfg = load_models(ckpt, device)
-    if vae is None:
+    device = runtime.pick_device(None)
+    m = sample.load(ckpt, device)
+    if m.vae is None:
         print(f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline (no x_hat_0 to show)")
         return
-    counts = step_counts(diffusion, cfg)
+    counts = step_counts(m.cfg)
     if len(counts) < len(STEP_COUNTS):
-        print(f"samples_vs_steps: {ckpt} starts its refiner at t = {DV.sample_start(cfg)}, so at most "
+        print(f"samples_vs_steps: {ckpt} starts its refiner at t = {sample.start_of(m.cfg)}, so at most "
               f"{max(counts)} steps; leaving out {[n for n in STEP_COUNTS if n not in counts]}")
     g = torch.Generator(device=device).manual_seed(0)
-    z = sample_prior(8, vae.z_dim, vae.prior, generator=g, device=device)
-    size, img_ch = image_size(net, cfg), net.config["img_ch"]
-    noise = torch.randn(8, img_ch, size, size, generator=g, device=device)  # the same x_T noise for every row
-    rows, labels, start = [], [], time.time()
-    for n in counts:
-        args = sample_options(["--steps", str(n), "--eta", "0"] + ([] if clip else ["--no_clip"]))  # DDIM, eta 0
-        x_hat0, x0 = generate(net, vae, diffusion, cfg, z=z, n=8, args=args, x_T_noise=noise)
-        rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
-        print(f"{n:4d} steps: mean |x_0 - x_hat_0| = {(x0 - x_hat0).abs().mean().item():.3f}")
+    with torch.inference_mode():
+        x_hat0 = m.vae.decode(sample_prior(8, m.vae.z_dim, m.vae.prior, generator=g, device=device))
+        noise = ddpm.randn_like(x_hat0, g)  # the same starting noise for every row
+        rows, labels, start = [], [], time.time()
+        for n in counts:
+            x0 = sample.refine(m, x_hat0, g, noise=noise, steps=n, sampler="ddim", eta=0.0, clip_x0=clip)
+            rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
+            print(f"{n:4d} steps: mean |x_0 - x_hat_0| = {(x0 - x_hat0).abs().mean().item():.3f}")
     rows, labels = [x_hat0] + rows, ["VAE x_hat_0"] + labels
     seconds = time.time() - start
     fig, axes = plt.subplots(len(rows), 8, figsize=(8, 1.05 * len(rows)))
@@ -136,7 +135,7 @@ def steps(ckpt, clip=True):
         for c in range(8):
             show(axes[r, c], x[c:c + 1])
         axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{ckpt} (form {cfg['form']}): the same z and x_T noise in every row; DDIM eta = 0, "
+    fig.suptitle(f"{ckpt} (form {m.cfg['form']}): the same z and starting noise in every row; DDIM eta = 0, "
                  f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; "
                  f"{sum(counts)} denoiser calls in {seconds:.1f} s", fontsize=8)
     save(fig, "samples_vs_steps.png" if clip else "samples_vs_steps_noclip.png")
@@ -144,8 +143,8 @@ def steps(ckpt, clip=True):
 
 
 def guidance_points(results):
-    """(w, FID, agreement) per guidance weight w of sweep.py rows whose --extra set one ("--guidance W"), sorted by w;
-    seeds of one w are averaged."""
+    """(w, FID, agreement) per guidance weight w of tools/sweep.py rows whose --extra set one ("--guidance W"),
+    sorted by w; seeds of one w are averaged."""
     by_w = {}
     for r in results:
         flags = r.get("extra", "").split()
@@ -160,7 +159,8 @@ def guidance(results_path):
     import json
     points = guidance_points(json.load(open(results_path)))
     if not points:
-        raise SystemExit(f"error: {results_path} has no rows made with --extra='--guidance W' (see sweep.py)")
+        raise SystemExit(f"error: {results_path} has no rows made with --extra='--guidance W' "
+                         f"(see python -m tools.sweep)")
     w, fid, agree = np.array(points).T
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(w, fid, "o-", color="C0")
@@ -179,72 +179,6 @@ def save(fig, name):
     print(f"wrote {os.path.join(OUT, name)}")
 
 
-# ----------------------------------------------------------------------------- loss curves
-
-def loss_axis(values):
-    """The y axis for a loss series: (scale, (ymin, ymax)), the limits covering every finite value (others ignored).
-
-    Rule: "symlog" if the values change sign, else "log" if all are > 0 and max/min > 100 (more than 2 decades),
-    else "linear". A VAE's loss (the negative ELBO of a continuous likelihood) can go below 0, where a log axis
-    has nothing to draw. Margins: 5% of the range (linear, symlog), 5% of the decades (log)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return "linear", (0.0, 1.0)
-    lo, hi = float(v.min()), float(v.max())
-    if lo > 0 and hi / lo > 100:
-        f = (hi / lo) ** 0.05  # 5% of the span in log space
-        return "log", (lo / f, hi * f)
-    if hi > lo:
-        pad = 0.05 * (hi - lo)
-    else:  # a constant series: a band around it
-        pad = 0.05 * abs(lo) if lo != 0 else 0.5
-    return ("symlog" if lo < 0 < hi else "linear"), (lo - pad, hi + pad)
-
-
-def smooth(values, decay=None):
-    """Exponential moving average with Adam's bias correction: s_t = decay s_{t-1} + (1 - decay) v_t, s_0 = 0,
-    returned as s_t / (1 - decay^t), t = 1..n. Each output is a weighted mean of v_1..v_t with positive weights
-    summing to 1, so it lies in [min v, max v]. Default decay: 1 - 20/n, a time constant 1/(1 - decay) of 5% of
-    the n points (no smoothing below 20 points)."""
-    v = np.asarray(values, dtype=np.float64)
-    decay = max(0.0, 1 - 20 / max(len(v), 1)) if decay is None else decay
-    if not 0 <= decay < 1:
-        raise ValueError(f"decay must be in [0, 1), got {decay}")
-    s, out = 0.0, np.empty_like(v)
-    for t, x in enumerate(v, start=1):
-        s = decay * s + (1 - decay) * x
-        out[t - 1] = s / (1 - decay ** t)
-    return out
-
-
-def plot_loss(history, path, title):
-    """A loss curve from [(step, loss), ...] to the PNG `path`: the raw series thin and faint, its EMA (smooth)
-    over it, on the axis loss_axis chooses. Non-finite losses are dropped and counted in the title.
-    Returns {"scale", "limits", "dropped"}."""
-    h = np.asarray(history, dtype=np.float64).reshape(-1, 2)  # (n, 2): step, loss
-    keep = np.isfinite(h[:, 1])
-    steps, losses, dropped = h[keep, 0], h[keep, 1], int((~keep).sum())
-    scale, limits = loss_axis(losses)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(steps, losses, lw=0.7, alpha=0.5, color="C0", label="logged")
-    ax.plot(steps, smooth(losses), lw=1.8, color="C0", label="EMA")
-    if scale == "symlog":  # linear within about 1% of the largest |loss| (a power of 10), logarithmic beyond
-        ax.set_yscale("symlog", linthresh=10 ** np.floor(np.log10(0.01 * np.abs(losses).max())))
-        ax.axhline(0, color="gray", lw=0.5)
-    else:
-        ax.set_yscale(scale)
-    ax.set_ylim(*limits)
-    ax.set(xlabel="step", ylabel=f"loss ({scale} axis)",
-           title=title + (f" ({dropped} non-finite value{'s' * (dropped > 1)} dropped)" if dropped else ""))
-    ax.legend(fontsize=8)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return dict(scale=scale, limits=limits, dropped=dropped)
-
-
 # ----------------------------------------------------------------------------- the CLI
 
 def parse_args(argv=None):
@@ -254,10 +188,12 @@ def parse_args(argv=None):
                    default=["schedules", "forward", "steps"])
     p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="stage-2 checkpoint for --only steps")
     p.add_argument("--no_clip", action="store_true", help="--only steps without clamping x_0-hat (Exercise 5)")
-    p.add_argument("--results", default=None, help="--only guidance: a sweep.py results.json with guidance rows")
+    p.add_argument("--results", default=None,
+                   help="--only guidance: a results.json of python -m tools.sweep with guidance rows")
     a = p.parse_args(argv)
     if "guidance" in a.only and not a.results:
-        p.error("--only guidance needs --results PATH (a sweep.py results.json made with --extra='--guidance W')")
+        p.error("--only guidance needs --results PATH (a results.json of python -m tools.sweep made with "
+                "--extra='--guidance W')")
     return a
 
 
