@@ -156,3 +156,26 @@ def test_a_refiner_of_the_full_chain_takes_every_step_count():
         assert figures.step_counts(cfg) == figures.STEP_COUNTS
     # a refiner trained on the timesteps 0..4 starts at 4 by default, and 0..4 are 5 timesteps
     assert figures.step_counts(dict(cond="vae", t_start=4, T=1000)) == [1, 2, 5]
+
+
+def test_the_readme_picture_is_what_sample_py_draws_each_pixel_a_4x4_block(tmp_path, monkeypatch):
+    """figures.samples against sample.py run as a user runs it (--steps 10, seed 0): the same 16 pairs, in the
+    same places, every pixel of sample.py's npz repeated as one 4x4 block."""
+    import numpy as np
+    import sample
+    from PIL import Image
+    ckpt = tiny_refiner_checkpoint(str(tmp_path / "ddpm.pt"), t_start=20, prior=None)
+    sample.main(["--ckpt", ckpt, "--steps", "10", "--n", "16", "--out", str(tmp_path / "s")])
+    drawn = np.load(tmp_path / "s.npz")
+    monkeypatch.chdir(tmp_path)
+    figures.samples(ckpt)
+    picture = np.asarray(Image.open(tmp_path / "figures" / "samples.png"), dtype=np.float64) / 255
+    side, pad = 16 * 4, 8
+    assert picture.shape == (4 * (side + pad) + pad, 8 * (side + pad) + pad)
+    for row in range(4):  # rows: VAE samples 0-7, their refinements, VAE samples 8-15, theirs
+        key, first = ("vae", "x0")[row % 2], 8 * (row // 2)
+        for col in range(8):
+            top, left = pad + row * (side + pad), pad + col * (side + pad)
+            tile = picture[top:top + side, left:left + side]
+            expected = np.kron(drawn[key][first + col, 0], np.ones((4, 4)))
+            assert np.abs(tile - expected).max() <= 0.5 / 255 + 1e-6  # 8-bit rounding of the PNG

@@ -37,10 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--arith", type=int, nargs=2, metavar=("ATTR", "BASE"),
                    help="--mode arith: add the mean z of class ATTR, subtract that of class BASE")
     p.add_argument("--judge", default=evaluate.JUDGE, help="the classifier of class agreement (tools/evaluate.py)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM denoiser calls")
-    p.add_argument("--eta", type=float, default=0.5, help="DDIM: sigma_t^2 = eta^2 beta-tilde_t (0: deterministic)")
-    p.add_argument("--t_start", type=sample.t_start_arg, default=None,
-                   help="the code timestep the refiner starts at, or 'full' (default: the checkpoint's t_start)")
+    add_refiner_flags(p)
     p.add_argument("--prior", default="expost", choices=["expost", "normal"],
                    help="z from the ex-post Gaussian mixture stage 1 fitted (vae.py), or from N(0, I)")
     p.add_argument("--seed", type=int, default=0)
@@ -131,6 +128,24 @@ def report_path_classes(judge, x_hat0, x0, attr=None):
     return r
 
 
+def add_refiner_flags(p):
+    """The flags of how a tool runs the refiner (10 DDIM steps, eta 0.5, from the checkpoint's t_start, as sample.py)."""
+    p.add_argument("--steps", type=int, default=10, help="DDIM denoiser calls")
+    p.add_argument("--eta", type=float, default=0.5, help="DDIM: sigma_t^2 = eta^2 beta-tilde_t (0: deterministic)")
+    p.add_argument("--t_start", type=sample.t_start_arg, default=None,
+                   help="the code timestep the refiner starts at, or 'full' (default: the checkpoint's t_start)")
+
+
+def output_stem(ckpt, out, name):
+    """Where a tool writes OUT.png and OUT.npz: --out, else NAME next to the checkpoint; its folder is made."""
+    out = out or os.path.join(os.path.dirname(ckpt) or ".", name)
+    try:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {os.path.dirname(out)} ({e.strerror}): choose another --out")
+    return out
+
+
 def run(args, m, device):
     """Returns (grid rows, grid width, arrays to save) for the chosen mode."""
     if m.vae is None:
@@ -149,11 +164,7 @@ def run(args, m, device):
 def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(None)
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"control_{args.mode}_ddim{args.steps}")
-    try:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to {os.path.dirname(out)} ({e.strerror}): choose another --out")
+    out = output_stem(args.ckpt, args.out, f"control_{args.mode}_ddim{args.steps}")
     try:
         m = sample.load(args.ckpt, device)
         with torch.inference_mode():

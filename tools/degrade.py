@@ -15,7 +15,6 @@ every noise level here is in those units. A noise sigma of 0.1 in [-1, 1] is 0.0
 """
 import argparse
 import numbers
-import os
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from data import DataError, load_dataset, to_model_range
 from runtime import CheckpointError
 from tools import evaluate
 from tools.evaluate import gaussian_blur, gaussian_kernel1d  # defined beside the judge, which trains on blurred copies
-from tools.control import classifier_of
+from tools.control import add_refiner_flags, classifier_of, output_stem
 
 
 # ----------------------------------------------------------------------------- the degradations
@@ -133,10 +132,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="a stage-2 checkpoint from train.py --stage ddpm")
     p.add_argument("--n", type=int, default=500, help="how many test images")
     p.add_argument("--classifier", default=evaluate.FEATURES, help="the FID features (tools/evaluate.py)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM denoiser calls")
-    p.add_argument("--eta", type=float, default=0.5, help="DDIM: sigma_t^2 = eta^2 beta-tilde_t (0: deterministic)")
-    p.add_argument("--t_start", type=sample.t_start_arg, default=None,
-                   help="the code timestep the refiner starts at, or 'full' (default: the checkpoint's t_start)")
+    add_refiner_flags(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_dir", default=None, help="dataset location")
     p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
@@ -149,11 +145,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(None)
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", f"degrade_ddim{args.steps}")
-    try:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to {os.path.dirname(out)} ({e.strerror}): choose another --out")
+    out = output_stem(args.ckpt, args.out, f"degrade_ddim{args.steps}")
     try:
         m = sample.load(args.ckpt, device)
         if m.vae is None:

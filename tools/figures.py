@@ -7,6 +7,7 @@
     python -m tools.figures --only steps --ckpt runs/form1/ddpm.pt    # the same for another stage-2 checkpoint
     python -m tools.figures --only steps --no_clip   # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
     python -m tools.figures --only guidance --results runs/cfg_sweep/results.json   # FID and class kept against w
+    python -m tools.figures --only samples       # the README's picture: 16 VAE samples over their refinements, x4
 
 The training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png) are drawn by
 data.save_loss_curve.
@@ -28,7 +29,7 @@ import ddpm
 import diffusevae
 import runtime
 import sample
-from data import load_dataset, to_model_range, to_unit_range
+from data import load_dataset, save_grid, to_model_range, to_unit_range
 from vae import VAE, sample_prior
 
 matplotlib.use("Agg")  # files only, no display
@@ -171,6 +172,19 @@ def guidance(results_path):
     save(fig, "guidance.png")
 
 
+def samples(ckpt, n=16, scale=4):
+    """The README's picture: the first n samples of `python sample.py --steps 10` (seed 0), rows of 8 VAE samples
+    x_hat_0 over their refinements, each pixel drawn as a scale x scale block (nearest neighbour) so that a
+    garment's detail is visible."""
+    m = sample.load(ckpt, torch.device("cpu"))
+    with torch.inference_mode():
+        x_hat0, x0 = sample.samples(m, n, torch.Generator().manual_seed(0), steps=10, sampler="ddim", eta=0.5)
+    grid = torch.cat(sample.pairs(x_hat0, x0)).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+    os.makedirs(OUT, exist_ok=True)
+    save_grid(grid, os.path.join(OUT, "samples.png"), nrow=8, pad=2 * scale)
+    print(f"wrote {os.path.join(OUT, 'samples.png')}")
+
+
 def save(fig, name):
     os.makedirs(OUT, exist_ok=True)
     fig.tight_layout()
@@ -184,16 +198,16 @@ def save(fig, name):
 def parse_args(argv=None):
     """The CLI's options (argv: a list of strings, default sys.argv[1:]); argparse exits on a bad command."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["schedules", "forward", "steps", "guidance"],
+    p.add_argument("--only", nargs="+", choices=["schedules", "forward", "steps", "guidance", "samples"],
                    default=["schedules", "forward", "steps"])
-    p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="stage-2 checkpoint for --only steps")
+    p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="stage-2 checkpoint for --only steps, samples")
     p.add_argument("--no_clip", action="store_true", help="--only steps without clamping x_0-hat (Exercise 5)")
     p.add_argument("--results", default=None,
                    help="--only guidance: a results.json of python -m tools.sweep with guidance rows")
     a = p.parse_args(argv)
     if "guidance" in a.only and not a.results:
         p.error("--only guidance needs --results PATH (a results.json of python -m tools.sweep made with "
-                "--extra='--guidance W')")
+                "--extra guidance=W)")
     return a
 
 
@@ -201,7 +215,7 @@ def main(argv=None):
     a = parse_args(argv)
     torch.manual_seed(0)
     make = {"schedules": schedules, "forward": forward, "steps": lambda: steps(a.ckpt, clip=not a.no_clip),
-            "guidance": lambda: guidance(a.results)}
+            "guidance": lambda: guidance(a.results), "samples": lambda: samples(a.ckpt)}
     for name in a.only:
         make[name]()
 
