@@ -90,9 +90,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))                         # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]        # + (B, C_out, 1, 1), the same at every pixel
+        h += self.temb_proj(F.silu(temb))[:, :, None, None]           # + (B, C_out, 1, 1), the same at every pixel
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return self.attn(h + self.skip(x))
+        return self.attn(h.add_(self.skip(x)))  # adds in place: a conv's backward needs its input, not its output
 
 
 class Downsample(nn.Module):
