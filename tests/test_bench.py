@@ -88,15 +88,16 @@ def without_zero_layers(monkeypatch):
 
 
 def test_bf16_rows_are_train_pys_path_under_autocast_where_the_cpu_has_amx(tiny, monkeypatch):
-    """with_bf16 adds the default's step (the last path, train.py's: the core's code in runtime.py's CPU layout)
+    """with_bf16 adds the default's step (the last path, train.py's: runtime.py's CPU layout and upsampling)
     under bf16 autocast (train.py --bf16 on) only on a CPU with AMX; that step draws the same batch, z, t and noise
     as the fp32 one, so its loss differs only by bf16 rounding: a relative 2^-8 per rounding, and 5 of them
     (test_runtime's bound) before the first update. After the first AdamW step the weights differ too, so only the
     first loss is held to it. train.py decodes x_hat_0 outside autocast, so only the denoiser's output carries the
     rounding: its zero-initialised layers are made nonzero (without_zero_layers), else that output is exactly 0."""
     without_zero_layers(monkeypatch)
-    base = "channels_last"
-    assert list(bench.STEP_PATHS)[-1] == base and bench.STEP_PATHS[base] == (runtime.CPU_CHANNELS_LAST, False, False)
+    base = "channels_last, transposed up-conv"
+    assert list(bench.STEP_PATHS)[-1] == base and bench.STEP_PATHS[base] == (
+        runtime.CPU_CHANNELS_LAST, runtime.CPU_TRANSPOSED_UPSAMPLING, False)
     monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: False)
     assert bench.with_bf16(bench.STEP_PATHS, CPU) is bench.STEP_PATHS
     monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: True)
@@ -198,7 +199,7 @@ def test_the_transposed_up_conv_path_does_16_of_the_36_multiply_adds_of_each_ups
     for fast in (False, True):
         _, loss_fn, model = bench.train_step("unet", "cpu", 4, CPU, channels_last=False, fast_up=fast)
         ups = [m for m in model.modules() if isinstance(m, unet.Upsample)]
-        assert len(ups) == 1 and isinstance(ups[0], bench.TransposedUpsample) == fast  # TINY: one upsampling
+        assert len(ups) == 1 and isinstance(ups[0], runtime.TransposedUpsample) == fast  # TINY: one upsampling
         flops[fast] = bench.count_flops(loss_fn, model)
     B, C, H = 4, TINY["ch"] * TINY["ch_mult"][1], TINY["image_size"] // 2
     assert flops[False] - flops[True] == 3 * 2 * B * C * C * H * H * (36 - 16)
@@ -233,7 +234,7 @@ def what_a_call_sees(model, x):
             return "channels_last"
         return "contiguous" if all(w.is_contiguous() for w in tensors) else "mixed"
     weights = [p for p in model.parameters() if p.dim() == 4]
-    fast = frozenset(isinstance(m, bench.TransposedUpsample) for m in model.modules() if isinstance(m, unet.Upsample))
+    fast = frozenset(isinstance(m, runtime.TransposedUpsample) for m in model.modules() if isinstance(m, unet.Upsample))
     return layout_of([x]), layout_of(weights), fast, x.detach().contiguous().clone()
 
 
@@ -276,24 +277,6 @@ def random_weights(model):
     return model
 
 
-def test_transposed_up_conv_is_nearest_x2_then_3x3_conv_values_and_gradients():
-    """The reference upsamples by repeating every pixel into a 2x2 block, then convolves: the layer's definition, in
-    float64, values and gradients."""
-    torch.manual_seed(0)
-    layer = bench.TransposedUpConv(5, 4, 3, 1, 1).double()
-    x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
-    up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)                       # (3, 5, 12, 14)
-    expected = F.conv2d(up, layer.weight, layer.bias, padding=1)                         # (3, 4, 12, 14)
-    out = layer(x)
-    assert out.shape == expected.shape
-    assert torch.allclose(out, expected, rtol=0, atol=1e-13 * expected.abs().max().item())
-    g = torch.randn_like(expected)
-    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
-    want = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, rtol=0, atol=1e-13 * b.abs().max().item())
-
-
 def test_code_paths_keep_the_parameters_and_compute_the_core_models_function(tiny):
     """code_path patches every upsampling of the UNet and of the VAE's decoder (3 up blocks) and every ResBlock,
     keeping the state_dict; the in-place ResBlocks compute the same values in the same order as the core's (outputs
@@ -318,7 +301,7 @@ def test_code_paths_keep_the_parameters_and_compute_the_core_models_function(tin
                                                                         generator=torch.Generator().manual_seed(1))))):
         fast = bench.code_path(copy.deepcopy(model), fast_up=True)
         assert fast.state_dict().keys() == model.state_dict().keys()
-        assert sum(isinstance(m, bench.TransposedUpConv) for m in fast.modules()) == (1 if model is net else 3)
+        assert sum(isinstance(m, runtime.TransposedUpConv) for m in fast.modules()) == (1 if model is net else 3)
         assert not any(isinstance(m, torch.nn.Upsample) for m in fast.modules())
         with torch.no_grad():
             expected, out = fn(model), fn(fast)

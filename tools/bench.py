@@ -11,10 +11,11 @@ latency, and A/B figures for speed choices (modelled on nanoGPT's bench.py).
     OMP_NUM_THREADS=1 python -m tools.bench --quick      # one core
 
 Paths. Every network runs by the paths of STEP_PATHS: its memory layout (contiguous or channels_last), and two
-alternatives to the core's code that this file defines and patches into a model instance (code_path): every
-upsampling conv (nearest x2 then a 3x3 conv) computed as one stride-2 transposed conv (TransposedUpConv), and the
-UNet's ResBlocks adding in place (InPlaceResBlock). The last path is train.py's and sample.py's (channels_last,
-the core's code). In every A/B the "before" is the first path (contiguous).
+alternatives to the core's code patched into a model instance (code_path): every upsampling conv (nearest x2 then
+a 3x3 conv) computed as one stride-2 transposed conv (runtime.TransposedUpConv, what runtime.prepare_model does on
+the CPU), and the UNet's ResBlocks adding in place with SiLU in place when no graph is recorded (InPlaceResBlock,
+defined here). The last path is train.py's and sample.py's on the CPU (channels_last, transposed up-convs). In every
+A/B the "before" is the first path (contiguous).
 
 Sections. stage2: train.train_step of stage 2 end to end (the batch, x_hat_0 from the frozen VAE's encoder and
 decoder, L_DDPM, backward, clipping, AdamW, EMA) by every path, both networks in the path's layout and code.
@@ -48,7 +49,6 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -214,32 +214,6 @@ def build(kind, preset, device, dropout=None):
                      norm_groups=cfg["norm_groups"]).to(device)
 
 
-def four_taps(w, dim):
-    """The taps (w_2, w_1 + w_2, w_0 + w_1, w_0) along `dim` of a kernel with taps (w_0, w_1, w_2) along it."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
-
-
-class TransposedUpConv(nn.Conv2d):
-    """A 3x3 conv (stride 1, padding 1) of the nearest-neighbour x2 upsampled input, (B, C_in, H, W) ->
-    (B, C_out, 2H, 2W), computed as the same linear map in one stride-2 transposed conv: output pixel (2i + a,
-    2j + b) sees only x's rows i - 1 + a .. i + a and columns j - 1 + b .. j + b, so along each axis input row i
-    reaches output rows 2i - 1 .. 2i + 2 with the taps four_taps gives. 16 multiply-adds per input pixel and
-    channel pair where upsampling then a 3x3 conv does 36, and the 4x larger copy of x is never made. The
-    parameters are the 3x3 conv's."""
-
-    def forward(self, x):
-        k = four_taps(four_taps(self.weight, 2), 3)                            # (C_out, C_in, 4, 4)
-        return F.conv_transpose2d(x, k.transpose(0, 1), self.bias, stride=2, padding=1)  # wants (C_in, C_out, 4, 4)
-
-
-class TransposedUpsample(unet.Upsample):
-    """unet.Upsample with its conv a TransposedUpConv, which upsamples itself."""
-
-    def forward(self, x, temb=None):
-        return self.conv(x)
-
-
 class InPlaceResBlock(unet.ResBlock):
     """unet.ResBlock adding in place where nothing reads the old values: into the conv outputs (a conv's backward
     needs its input, not its output); SiLU overwrites GroupNorm's output only when no graph is recorded."""
@@ -256,21 +230,20 @@ def code_path(model, fast_up=False, in_place=False):
     """The model (in place) with its upsampling convs as TransposedUpConvs (fast_up: the UNet's Upsamples, and in
     the VAE's decoder each nn.Upsample + Conv2d pair) and its ResBlocks as InPlaceResBlocks (in_place); the same
     parameters and state_dict keys. Both False: the core's code, unchanged."""
+    if fast_up:
+        runtime.transpose_upsampling(model)
     for m in list(model.modules()):
-        if fast_up and type(m) is unet.Upsample:
-            m.__class__, m.conv.__class__ = TransposedUpsample, TransposedUpConv
-        if fast_up and isinstance(m, nn.Sequential) and len(m) > 1 and isinstance(m[0], nn.Upsample):
-            assert m[0].scale_factor == 2 and m[0].mode == "nearest" and m[1].kernel_size == (3, 3), m
-            m[0], m[1].__class__ = nn.Identity(), TransposedUpConv
         if in_place and type(m) is unet.ResBlock:
             m.__class__ = InPlaceResBlock
     return model
 
 
 # the paths of a training step: name -> (channels_last, upsampling as TransposedUpConv, InPlaceResBlocks); the first
-# is every A/B's "before", the last train.py's and sample.py's (runtime.CPU_CHANNELS_LAST; channels_last on CUDA)
-STEP_PATHS = {"contiguous": (False, False, False), "channels_last, transposed up-conv": (True, True, False),
-              "channels_last, transposed, in place": (True, True, True), "channels_last": (True, False, False)}
+# is every A/B's "before", the last train.py's and sample.py's on the CPU (runtime.CPU_CHANNELS_LAST and
+# CPU_TRANSPOSED_UPSAMPLING; on CUDA they take "channels_last")
+STEP_PATHS = {"contiguous": (False, False, False), "channels_last": (True, False, False),
+              "channels_last, transposed, in place": (True, True, True),
+              "channels_last, transposed up-conv": (True, True, False)}
 VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks
 BF16 = ", bf16 autocast"  # the name's suffix of a path run under train.py --bf16 on
 
@@ -309,9 +282,10 @@ def t_max_of(cfg):
 
 
 def runtime_of(device, channels_last, bf16=False):
-    """runtime.choose's decisions for the device, in the given memory format; bf16: autocast on the CPU too
-    (train.py --bf16 on)."""
-    return dataclasses.replace(runtime.choose(device, bf16=bf16 or None), channels_last=channels_last)
+    """runtime.choose's decisions for the device, in the given memory format, the upsampling as the caller's path
+    has it (code_path); bf16: autocast on the CPU too (train.py --bf16 on)."""
+    return dataclasses.replace(runtime.choose(device, bf16=bf16 or None), channels_last=channels_last,
+                               transposed_upsampling=False)
 
 
 def autocast(device, bf16=False):
@@ -701,10 +675,10 @@ def main(argv=None):
              f"{tag}", TRAIN_HEADER, rows)
         show(f"UNet A/B ({ab_note})", AB_IMG_HEADER, abs_)
         cfg = PRESETS["cpu"]
-        step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
+        step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last, rt.transposed_upsampling)[0]
         convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
         path = next(p for p, (cl, fast, in_place) in STEP_PATHS.items()
-                    if cl == rt.channels_last and not fast and not in_place)
+                    if cl == rt.channels_last and fast == rt.transposed_upsampling and not in_place)
         mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
         print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
               f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "
