@@ -64,7 +64,8 @@ class Runtime:
     world: int = 1
 
     def describe(self):
-        """One header line, e.g. 'device cpu | dtype fp32 | amp off | channels_last on | compile off | threads 2 | world 1'."""
+        """One header line, e.g. 'device cpu | dtype fp32 | amp off | channels_last on | upsampling transposed conv |
+        compile off | threads 2 | world 1'."""
         on = lambda b: "on" if b else "off"
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off")
         parts = [f"device {self.device}", "dtype fp32", f"amp {amp}"]
@@ -84,8 +85,8 @@ def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=No
     CUDA: bf16 autocast (tensor cores; bf16 has fp32's exponent range, so no loss scaling), TF32 for the fp32 ops
     left, channels_last (the layout tensor-core convs want), the fused AdamW kernel, NCCL for DDP.
     CPU: fp32 and gloo; channels_last as asked, else CPU_CHANNELS_LAST; the upsampling convs as transposed convs
-    (CPU_TRANSPOSED_UPSAMPLING; kept as written on CUDA, where it is not measured). compile follows the flag on both, and
-    bf16 (autocast) when given overrides the device's choice.
+    (CPU_TRANSPOSED_UPSAMPLING; kept as written on CUDA, where it is not measured). compile follows the flag on
+    both, and bf16 (autocast) when given overrides the device's choice.
     """
     kind = device_type.type if isinstance(device_type, torch.device) else device_type
     device = torch.device(device_type) if kind in ("cuda", "cpu") else None
@@ -96,7 +97,8 @@ def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=No
         # fp32 unless asked: bf16 is fast only on a CPU with bf16 matrix units (cpu_has_amx)
         return Runtime(device, amp_dtype=torch.bfloat16 if bf16 else None, tf32=False,
                        channels_last=CPU_CHANNELS_LAST if channels_last is None else bool(channels_last),
-                       transposed_upsampling=CPU_TRANSPOSED_UPSAMPLING, fused_adamw=False, compile=bool(compile_flag), ddp_backend="gloo", world=world)
+                       transposed_upsampling=CPU_TRANSPOSED_UPSAMPLING, fused_adamw=False,
+                       compile=bool(compile_flag), ddp_backend="gloo", world=world)
     raise ValueError(f"device type must be 'cuda' or 'cpu', got {device_type!r}")
 
 
@@ -205,8 +207,8 @@ def transpose_upsampling(model):
         if isinstance(m, nn.Sequential):
             for i in range(len(m) - 1):
                 up = m[i]
-                if (isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor in (2, 2.0)
-                        and up.size is None and _is_3x3_same(m[i + 1])):
+                nearest_x2 = isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor == 2
+                if nearest_x2 and _is_3x3_same(m[i + 1]):
                     m[i], m[i + 1].__class__ = nn.Identity(), TransposedUpConv
     return model
 

@@ -40,12 +40,7 @@ def parse_args(argv=None):
     add_refiner_flags(p)
     p.add_argument("--prior", default="expost", choices=["expost", "normal"],
                    help="z from the ex-post Gaussian mixture stage 1 fitted (vae.py), or from N(0, I)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data_dir", default=None, help="dataset location for --mode arith")
-    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
-    args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.eta < 0:
-        p.error("--n and --steps must be at least 1, --eta at least 0")
+    args = parse_refiner_args(p, argv)
     if not 2 <= args.repeats <= 64:
         p.error(f"--repeats must be between 2 and 64 (refinements per z), got {args.repeats}")
     if not 1 <= args.paths <= 256:
@@ -129,11 +124,23 @@ def report_path_classes(judge, x_hat0, x0, attr=None):
 
 
 def add_refiner_flags(p):
-    """The flags of how a tool runs the refiner (10 DDIM steps, eta 0.5, from the checkpoint's t_start, as sample.py)."""
+    """The flags of how a tool runs the refiner (10 DDIM steps, eta 0.5, from the checkpoint's t_start, as sample.py),
+    its seed, data and output."""
     p.add_argument("--steps", type=int, default=10, help="DDIM denoiser calls")
     p.add_argument("--eta", type=float, default=0.5, help="DDIM: sigma_t^2 = eta^2 beta-tilde_t (0: deterministic)")
     p.add_argument("--t_start", type=sample.t_start_arg, default=None,
                    help="the code timestep the refiner starts at, or 'full' (default: the checkpoint's t_start)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data_dir", default=None, help="dataset location (default: data.py's for the dataset)")
+    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
+
+
+def parse_refiner_args(p, argv):
+    """p's arguments, with add_refiner_flags' and --n checked."""
+    args = p.parse_args(argv)
+    if args.n < 1 or args.steps < 1 or args.eta < 0:
+        p.error("--n and --steps must be at least 1, --eta at least 0")
+    return args
 
 
 def output_stem(ckpt, out, name):

@@ -25,7 +25,7 @@ from data import DataError, load_dataset, to_model_range
 from runtime import CheckpointError
 from tools import evaluate
 from tools.evaluate import gaussian_blur, gaussian_kernel1d  # defined beside the judge, which trains on blurred copies
-from tools.control import add_refiner_flags, classifier_of, output_stem
+from tools.control import add_refiner_flags, classifier_of, output_stem, parse_refiner_args
 
 
 # ----------------------------------------------------------------------------- the degradations
@@ -133,13 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=500, help="how many test images")
     p.add_argument("--classifier", default=evaluate.FEATURES, help="the FID features (tools/evaluate.py)")
     add_refiner_flags(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data_dir", default=None, help="dataset location")
-    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
-    args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.eta < 0:
-        p.error("--n and --steps must be at least 1, --eta at least 0")
-    return args
+    return parse_refiner_args(p, argv)
 
 
 def main(argv=None):
