@@ -1,7 +1,8 @@
 """DDPM: the forward process, its posterior, the three parameterisations, the losses and the samplers.
 
-Read beside Ho et al. 2020 ("DDPM", equation numbers below), Song et al. 2021 ("DDIM") and the derivations
-in ../shared/derivations: [Luo] (Understanding Diffusion Models), [Su] (DDPM = autoregressive VAE).
+Read beside Ho et al. 2020 ("DDPM", arXiv:2006.11239; equation numbers below), Song et al. 2021 ("DDIM",
+arXiv:2010.02502), Luo 2022 ("Understanding Diffusion Models: A Unified Perspective", arXiv:2208.11970) and
+Su Jianlin 2022 ("DDPM = autoregressive VAE", spaces.ac.cn/archives/9152).
 
 Conventions, fixed once for the whole codebase:
 - Code index t = 0..T-1 stands for the paper's t = 1..T. So `betas[0]` is the paper's beta_1, and
@@ -32,13 +33,16 @@ def cosine_beta_schedule(T=1000, s=0.008, max_beta=0.999):
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
+SCHEDULES = ("linear", "cosine")
+
+
 def make_beta_schedule(name, T=1000):
     """betas of the schedule called `name` ("linear": DDPM sec. 4; "cosine": Nichol & Dhariwal eq. 17)."""
     if name == "linear":
         return linear_beta_schedule(T)
     if name == "cosine":
         return cosine_beta_schedule(T)
-    raise ValueError(f"unknown noise schedule {name!r}: choose 'linear' or 'cosine'")
+    raise ValueError(f"unknown noise schedule {name!r}: choose one of {SCHEDULES}")
 
 
 def make_diffusion(schedule="linear", T=1000):
@@ -95,7 +99,7 @@ class GaussianDiffusion(nn.Module):
     # --- forward process ------------------------------------------------------------------------
 
     def q_step_sample(self, x_prev, t, noise):
-        """One forward step q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I)   (DDPM eq. 2; [Luo])."""
+        """One forward step q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t I)   (DDPM eq. 2)."""
         return extract(self.alphas.sqrt(), t, x_prev) * x_prev + extract(self.betas.sqrt(), t, x_prev) * noise
 
     def q_mean_variance(self, x0, t):
@@ -108,7 +112,7 @@ class GaussianDiffusion(nn.Module):
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0, x_t, t):
-        """Posterior q(x_{t-1} | x_t, x_0) = N(mu-tilde_t, beta-tilde_t I)   (DDPM eq. 6-7; [Luo]).
+        """Posterior q(x_{t-1} | x_t, x_0) = N(mu-tilde_t, beta-tilde_t I)   (DDPM eq. 6-7).
 
         mu-tilde_t = [sqrt(alpha-bar_{t-1}) beta_t x_0 + sqrt(alpha_t)(1 - alpha-bar_{t-1}) x_t] / (1 - alpha-bar_t)
         beta-tilde_t = (1 - alpha-bar_{t-1}) beta_t / (1 - alpha-bar_t)
@@ -144,7 +148,7 @@ class GaussianDiffusion(nn.Module):
         return extract(self.sqrt_one_minus_alphas_cumprod, t, x_t) * x_t + extract(self.sqrt_alphas_cumprod, t, x_t) * v
 
     def score_from_eps(self, t, eps):
-        """Tweedie ([Luo]): grad_x log q(x_t) = -E[eps | x_t] / sqrt(1 - alpha-bar_t)."""
+        """Tweedie's formula (Luo 2022, "Three Equivalent Interpretations"): grad_x log q(x_t) = -E[eps | x_t] / sqrt(1 - alpha-bar_t)."""
         return -eps / extract(self.sqrt_one_minus_alphas_cumprod, t, eps)
 
     def p_mean_from_eps(self, x_t, t, eps):
@@ -156,7 +160,7 @@ class GaussianDiffusion(nn.Module):
 
     def model_log_variance(self, t, x, var_type):
         """log sigma_t^2 of p_theta(x_{t-1} | x_t): 'fixedlarge' sigma^2 = beta_t, 'fixedsmall' beta-tilde_t
-        (DDPM Sec. 3.2: the optimal sigma^2 for data N(0, I) and for a single data point; [Su] states both and
+        (DDPM Sec. 3.2: the optimal sigma^2 for data N(0, I) and for a single data point; Su 2022 states both and
         defers their derivation; LESSONS.md Lesson 7 writes it out). As improved-diffusion, 'fixedlarge'
         uses beta-tilde_2 at the first step so that the decoder L_0 has a sensible scale."""
         if var_type == "fixedsmall":
@@ -226,11 +230,13 @@ class GaussianDiffusion(nn.Module):
         return GaussianDiffusion(1 - ab / ab_prev, timestep_map=self.timestep_map.cpu()[taus]).to(self.betas.device)
 
     @torch.no_grad()
-    def p_sample_loop(self, eps_fn, x_T, var_type="fixedlarge", clip_x0=False, generator=None, progress=False):
+    def p_sample_loop(self, eps_fn, x_T, var_type="fixedlarge", clip_x0=False, generator=None, progress=False,
+                      shared_noise=False):
         """Ancestral sampling, DDPM Algorithm 2: for t = T..1,
         x_{t-1} = (x_t - beta_t / sqrt(1 - alpha-bar_t) eps_theta(x_t, t)) / sqrt(alpha_t) + sigma_t z,
         z ~ N(0, I) except at the last step (t = 1) where no noise is added.
-        With clip_x0 the mean is mu-tilde(x_t, clip(x_0-hat)) instead: the same when nothing is clipped."""
+        With clip_x0 the mean is mu-tilde(x_t, clip(x_0-hat)) instead: the same when nothing is clipped.
+        shared_noise: every image of the batch gets the same z at each step (randn_like)."""
         x = x_T
         for i in tqdm(reversed(range(self.T)), total=self.T, disable=not progress, desc="ddpm"):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -242,13 +248,14 @@ class GaussianDiffusion(nn.Module):
                 mean = self.p_mean_from_eps(x, t, eps)
             if i > 0:
                 sigma = (0.5 * self.model_log_variance(t, x, var_type)).exp()
-                x = mean + sigma * randn_like(x, generator)
+                x = mean + sigma * randn_like(x, generator, shared_noise)
             else:
                 x = mean
         return x
 
     @torch.no_grad()
-    def ddim_sample_loop(self, eps_fn, x_T, eta=0.0, clip_x0=False, generator=None, progress=False, raw_eps=False):
+    def ddim_sample_loop(self, eps_fn, x_T, eta=0.0, clip_x0=False, generator=None, progress=False, raw_eps=False,
+                         shared_noise=False):
         """DDIM sampling (Song et al. 2021, eq. 12) over this process's steps (use `respace` for fewer):
 
             x_{t-1} = sqrt(alpha-bar_{t-1}) x0_hat + sqrt(1 - alpha-bar_{t-1} - sigma_t^2) eps + sigma_t z,
@@ -257,7 +264,8 @@ class GaussianDiffusion(nn.Module):
         eta = 0 is deterministic; eta = 1 is ancestral sampling with sigma_t^2 = beta-tilde_t. At the last step
         alpha-bar_0 = 1 so sigma = 0 and the output is x0_hat: no noise on the last step.
         clip_x0 clamps x0_hat to [-1, 1] and, unless raw_eps, recomputes eps from it so that the update stays on
-        the line through x_t that eq. 12 assumes; raw_eps keeps the network's eps (DiffuseVAE's official code)."""
+        the line through x_t that eq. 12 assumes; raw_eps keeps the network's eps (DiffuseVAE's official code).
+        shared_noise: every image of the batch gets the same z at each step (randn_like)."""
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         x = x_T
@@ -273,7 +281,7 @@ class GaussianDiffusion(nn.Module):
             sigma2 = eta ** 2 * extract(self.posterior_variance, t, x)
             x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma2).clamp(min=0).sqrt() * eps
             if i > 0 and eta > 0:
-                x = x + sigma2.sqrt() * randn_like(x, generator)
+                x = x + sigma2.sqrt() * randn_like(x, generator, shared_noise)
         return x
 
 
@@ -307,27 +315,32 @@ def ddim_timesteps(T, steps, spacing="uniform", t_start=None):
 
 
 def sample(diffusion, eps_fn, x_T, steps=None, sampler="ddim", eta=0.0, var_type="fixedlarge",
-           clip_x0=False, generator=None, progress=False, spacing="uniform", t_start=None, raw_eps=False):
+           clip_x0=False, generator=None, progress=False, spacing="uniform", t_start=None, raw_eps=False,
+           shared_noise=False):
     """Draw x_0 with `steps` denoiser calls at the `spacing` of ddim_timesteps: sampler 'ddim' (eta) or
     'ddpm' (ancestral, var_type). `x_T` is the state at the first timestep visited: x_T in the usual full chain,
     or x_{t_start} for a truncated start (SDEdit, Meng et al. 2022): the chain then runs on 0..t_start only.
     `raw_eps` (DDIM with clip_x0): keep the network's eps after clipping x_0-hat, as DiffuseVAE's official code does,
-    instead of the eps consistent with the clipped x_0-hat."""
+    instead of the eps consistent with the clipped x_0-hat. `shared_noise`: one sampler noise per step for the
+    whole batch (a path in z, whose points should differ by z alone)."""
     last = diffusion.T - 1 if t_start is None else int(t_start)
     steps = last + 1 if steps is None else steps
     taus = ddim_timesteps(diffusion.T, steps, spacing, t_start)
     d = diffusion if len(taus) == diffusion.T else diffusion.respace_to(taus)
     if sampler == "ddim":
         return d.ddim_sample_loop(eps_fn, x_T, eta=eta, clip_x0=clip_x0, generator=generator, progress=progress,
-                                  raw_eps=raw_eps)
+                                  raw_eps=raw_eps, shared_noise=shared_noise)
     if sampler == "ddpm":
-        return d.p_sample_loop(eps_fn, x_T, var_type=var_type, clip_x0=clip_x0, generator=generator, progress=progress)
+        return d.p_sample_loop(eps_fn, x_T, var_type=var_type, clip_x0=clip_x0, generator=generator, progress=progress,
+                               shared_noise=shared_noise)
     raise ValueError(f"unknown sampler {sampler!r}: choose 'ddim' or 'ddpm'")
 
 
-def randn_like(x, generator=None):
-    """z ~ N(0, I) shaped like x, from `generator` when given (torch.randn_like takes none)."""
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def randn_like(x, generator=None, shared=False):
+    """z ~ N(0, I) shaped like x, from `generator` when given (torch.randn_like takes none); shared: one draw of
+    one image's shape, the same for every image of the batch."""
+    shape = (1, *x.shape[1:]) if shared else x.shape
+    return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype).expand_as(x)
 
 
 # ----------------------------------------------------------------------------- Gaussian helpers
@@ -339,7 +352,7 @@ def loss_simple(eps_pred, noise):
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise ([Luo], KL of two Gaussians)."""
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise (the KL of two Gaussians)."""
     return 0.5 * (logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2) - 1.0)
 

@@ -1,13 +1,14 @@
 """DiffuseVAE (Pandey et al., TMLR 2022): a VAE generator, a conditional DDPM refiner.
 
-Read beside [DiffuseVAE] in ../shared/derivations. The paper's model is
+Read beside Pandey et al. 2022 ("DiffuseVAE", arXiv:2201.00308). The paper's model is
 p(x_0:T, y, z) = p(z) p_theta(y | z) p_phi(x_0:T | y, z), with the joint ELBO
 
-    log p(x_0, y) >= L_VAE + E_{z ~ q(z|y, x_0)}[L_DDPM]                               [DiffuseVAE]
+    log p(x_0, y) >= L_VAE + E_{z ~ q(z|y, x_0)}[L_DDPM]                               (DiffuseVAE)
 
 With the paper's y = x_0 the left side is log p(x_0, x_0), which counts the image twice. The model this code samples
 is p(x_0) = integral of p(z) p_phi(x_0 | x_hat_0 = dec(z)) dz (the decoder enters only as the map dec), and
-bound_bpd computes the bound below on it, negated and in bits/dim, with p(z) = N(0, I) and L_DDPM the DDPM's ELBO given
+bound_bpd computes the bound below on it, negated and in bits/dim, with p(z) the prior sample.py draws from (the VAE's
+ex-post mixture by default, or N(0, I)) and L_DDPM the DDPM's ELBO given
 x_hat_0 (the L_VAE reconstruction term log p_theta(y | z) trains the decoder but is no part of it):
 
     log p(x_0) >= E_{z ~ q(z|x_0)}[L_DDPM(x_0 | x_hat_0 = dec(z))] - KL(q(z|x_0) || p(z))
@@ -18,7 +19,7 @@ further simplification is sequential two-stage training: first maximise L_VAE al
 maximise E_z[L_DDPM] over the DDPM's parameters only, treating x_hat_0 as given data. `joint_loss` writes the
 sum with x_hat_0 detached (the simplified objective); train.py optimises its two halves in turn.
 
-Two ways for the DDPM to use x_hat_0 ([DiffuseVAE] "Formulation 1/2"). In both the denoiser sees
+Two ways for the DDPM to use x_hat_0 (DiffuseVAE, "Formulation 1/2"). In both the denoiser sees
 x_hat_0, concatenated to x_t as extra input channels (as the paper's code does):
 - Formulation 1: the standard forward process q(x_t | x_0) of ddpm.py; only the reverse process sees x_hat_0.
 - Formulation 2: an x_hat_0-shifted forward process,
@@ -35,13 +36,13 @@ import torch
 
 import ddpm
 from ddpm import extract, loss_simple
-from vae import kl_standard_normal, reparameterize
+from vae import kl_to_prior, reparameterize
 
 
 # ----------------------------------------------------------------------------- Formulation 2, in x space
 
 def form2_q_step(diffusion, x_prev, t, x_hat0, noise):
-    """One step of the x_hat_0-shifted forward process ([DiffuseVAE]; code t = 0 is the paper's t = 1):
+    """One step of the x_hat_0-shifted forward process (DiffuseVAE; code t = 0 is the paper's t = 1):
     the first step adds x_hat_0 with weight 1, later steps with weight 1 - sqrt(1 - beta_t)."""
     sqrt_alpha = extract(diffusion.alphas.sqrt(), t, x_prev)
     shift_weight = torch.where(t.reshape(sqrt_alpha.shape) == 0, torch.ones_like(sqrt_alpha), 1 - sqrt_alpha)
@@ -145,12 +146,12 @@ def ddpm_loss(eps_model, diffusion, x0, x_hat0=None, form=1, t=None, noise=None,
 
 @torch.no_grad()
 def condition_from_vae(vae, x0):
-    """x_hat_0 = dec(z), z ~ q(z|x_0): the stage-2 training condition from the frozen VAE ([DiffuseVAE])."""
+    """x_hat_0 = dec(z), z ~ q(z|x_0): the stage-2 training condition from the frozen VAE (DiffuseVAE)."""
     return vae.decode(reparameterize(*vae.encode(x0)))
 
 
 def joint_loss(vae, eps_model, diffusion, x0, form=1):
-    """-(L_VAE + L_DDPM) of [DiffuseVAE], per dimension, with L_DDPM replaced by its L_simple surrogate.
+    """-(L_VAE + L_DDPM) of DiffuseVAE, per dimension, with L_DDPM replaced by its L_simple surrogate.
     Gradients reach the VAE only through L_VAE: the two-stage simplification trains L_VAE first, then this
     function's second term with the VAE frozen (x_hat_0 = dec(z) of its own draw z ~ q(z|x_0), no gradient),
     which is what train.py does."""
@@ -185,11 +186,14 @@ def chain_eps_fn(eps_model, x_hat0, form, diffusion=None, param="eps", guidance=
 
 @torch.no_grad()
 def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall", progress=False, param="eps",
-              t_start=None):
-    """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image ([DiffuseVAE]):
+              t_start=None, prior="expost"):
+    """An upper bound on -log p(x_0) in bits/dim (x_0 on the 8-bit grid), one z draw per image (DiffuseVAE):
 
         -log p(x_0) <= E_{z ~ q(z|x_0)}[ -log p_phi(x_0 | x_hat_0 = dec(z)) ] + KL(q(z|x_0) || p(z))
                     <= E_z[ L_DDPM(x_0 | x_hat_0) ]                        + KL(q(z|x_0) || p(z))
+
+    p(z) is the prior sample.py draws z from: the VAE's ex-post mixture (prior "expost", the default; the KL by
+    vae.kl_to_prior's one-draw estimate at the decoded z) or N(0, I) (prior "normal", the KL in closed form).
 
     with L_DDPM the full DDPM bound of ddpm.vlb_terms_bpd. In form 2 the bound is that of the y-chain
     (y_t = x_t - x_hat_0, y_0 = x_0): each KL is between two Gaussians shifted alike, so it is unchanged.
@@ -199,9 +203,12 @@ def bound_bpd(eps_model, diffusion, x0, vae=None, form=1, var_type="fixedsmall",
     if vae is None:
         x_hat0, kl_z = None, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
     else:
+        if prior == "expost" and vae.prior is None:
+            raise ValueError("this VAE has no ex-post prior (its stage 1 did not finish): bound with prior='normal'")
         mu, logvar = vae.encode(x0)
-        x_hat0 = vae.decode(reparameterize(mu, logvar))
-        kl_z = kl_standard_normal(mu, logvar) / (x0[0].numel() * math.log(2.0))
+        z = reparameterize(mu, logvar)
+        x_hat0 = vae.decode(z)
+        kl_z = kl_to_prior(mu, logvar, z, vae.prior if prior == "expost" else None) / (x0[0].numel() * math.log(2.0))
     if t_start is not None and x_hat0 is None:
         raise ValueError("a truncated start (t_start) needs x_hat_0 to start from: the unconditional model has none")
     eps_fn = chain_eps_fn(eps_model, x_hat0, form, diffusion, param)

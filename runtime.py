@@ -33,16 +33,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-
-import unet
 
 # channels_last (NHWC) convs on the CPU (tools/bench.py times both layouts)
 CPU_CHANNELS_LAST = True
-# every nearest x2 upsampling followed by a 3x3 conv (unet.Upsample, the VAE decoder's blocks) computed as one
-# stride-2 transposed conv on the CPU (transpose_upsampling; tools/bench.py times both)
-CPU_TRANSPOSED_UPSAMPLING = True
 # cuBLAS's two reproducible workspace settings (CUDA Toolkit docs, cuBLAS "Results reproducibility"): with neither
 # in CUBLAS_WORKSPACE_CONFIG, torch.use_deterministic_algorithms(True) makes PyTorch raise at the first cuBLAS call.
 CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
@@ -57,23 +50,20 @@ class Runtime:
     amp_dtype: torch.dtype = None
     tf32: bool = False
     channels_last: bool = False
-    transposed_upsampling: bool = False
     fused_adamw: bool = False
     compile: bool = False
     ddp_backend: str = "gloo"
     world: int = 1
 
     def describe(self):
-        """One header line, e.g. 'device cpu | dtype fp32 | amp off | channels_last on | upsampling transposed conv |
-        compile off | threads 2 | world 1'."""
+        """One header line, e.g. 'device cpu | dtype fp32 | amp off | channels_last on | compile off | threads 2 |
+        world 1'."""
         on = lambda b: "on" if b else "off"
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "off")
         parts = [f"device {self.device}", "dtype fp32", f"amp {amp}"]
         if self.device.type == "cuda":
             parts.append(f"tf32 {on(self.tf32)}")
-        parts += [f"channels_last {on(self.channels_last)}",
-                  f"upsampling {'transposed conv' if self.transposed_upsampling else 'nearest + conv'}",
-                  f"compile {on(self.compile)}",
+        parts += [f"channels_last {on(self.channels_last)}", f"compile {on(self.compile)}",
                   f"threads {torch.get_num_threads()}", f"world {self.world}"]
         return " | ".join(parts)
 
@@ -84,9 +74,8 @@ def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=No
 
     CUDA: bf16 autocast (tensor cores; bf16 has fp32's exponent range, so no loss scaling), TF32 for the fp32 ops
     left, channels_last (the layout tensor-core convs want), the fused AdamW kernel, NCCL for DDP.
-    CPU: fp32 and gloo; channels_last as asked, else CPU_CHANNELS_LAST; the upsampling convs as transposed convs
-    (CPU_TRANSPOSED_UPSAMPLING; kept as written on CUDA, where it is not measured). compile follows the flag on
-    both, and bf16 (autocast) when given overrides the device's choice.
+    CPU: fp32 and gloo; channels_last as asked, else CPU_CHANNELS_LAST. compile follows the flag on both, and bf16
+    (autocast) when given overrides the device's choice.
     """
     kind = device_type.type if isinstance(device_type, torch.device) else device_type
     device = torch.device(device_type) if kind in ("cuda", "cpu") else None
@@ -97,7 +86,7 @@ def choose(device_type, compile_flag=False, channels_last=None, world=1, bf16=No
         # fp32 unless asked: bf16 is fast only on a CPU with bf16 matrix units (cpu_has_amx)
         return Runtime(device, amp_dtype=torch.bfloat16 if bf16 else None, tf32=False,
                        channels_last=CPU_CHANNELS_LAST if channels_last is None else bool(channels_last),
-                       transposed_upsampling=CPU_TRANSPOSED_UPSAMPLING, fused_adamw=False,
+                       fused_adamw=False,
                        compile=bool(compile_flag), ddp_backend="gloo", world=world)
     raise ValueError(f"device type must be 'cuda' or 'cpu', got {device_type!r}")
 
@@ -158,59 +147,11 @@ def autocast(rt):
 def prepare_model(model, rt):
     """-> (raw_model, model_to_call). Save raw_model.state_dict(): the compiled wrapper's keys carry an
     `_orig_mod.` prefix that would break loading into a plain model; train through model_to_call (they share
-    the same parameters). The upsampling convs become transposed convs when rt says so (transpose_upsampling)."""
-    raw = transpose_upsampling(model) if rt.transposed_upsampling else model
-    raw = raw.to(rt.device)
+    the same parameters)."""
+    raw = model.to(rt.device)
     if rt.channels_last:
         raw = raw.to(memory_format=torch.channels_last)  # 4-D conv weights to NHWC; other tensors unchanged
     return raw, torch.compile(raw) if rt.compile else raw
-
-
-def four_taps(w, dim):
-    """The taps (w_2, w_1 + w_2, w_0 + w_1, w_0) along `dim` of a kernel with taps (w_0, w_1, w_2) along it."""
-    w0, w1, w2 = w.unbind(dim)
-    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
-
-
-class TransposedUpConv(nn.Conv2d):
-    """A 3x3 conv (stride 1, padding 1) of the nearest-neighbour x2 upsampled input, (B, C_in, H, W) ->
-    (B, C_out, 2H, 2W), computed as the same linear map in one stride-2 transposed conv. Along each axis, output 2i
-    sees the upsampled rows 2i - 1, 2i, 2i + 1, i.e. x[i - 1], x[i], x[i]: taps w_0 on x[i - 1], w_1 + w_2 on x[i];
-    output 2i + 1 sees x[i], x[i], x[i + 1]: w_0 + w_1 on x[i], w_2 on x[i + 1]. A transposed conv with stride 2,
-    padding 1 and kernel k sends x[i] to output 2i + j - 1 with tap k_j, so k = (w_2, w_1 + w_2, w_0 + w_1, w_0)
-    (four_taps). 16 multiply-adds per input pixel and channel pair where upsampling then a 3x3 conv does 36. The
-    parameters are the 3x3 conv's."""
-
-    def forward(self, x):
-        k = four_taps(four_taps(self.weight, 2), 3)                            # (C_out, C_in, 4, 4)
-        return F.conv_transpose2d(x, k.transpose(0, 1), self.bias, stride=2, padding=1)  # wants (C_in, C_out, 4, 4)
-
-
-class TransposedUpsample(unet.Upsample):
-    """unet.Upsample with its conv a TransposedUpConv, which upsamples itself."""
-
-    def forward(self, x, temb=None):
-        return self.conv(x)
-
-
-def _is_3x3_same(conv):
-    return type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-
-
-def transpose_upsampling(model):
-    """The model, in place, with every nearest x2 upsampling followed by a 3x3 conv computed as one TransposedUpConv:
-    unet.Upsample, and each nn.Upsample + Conv2d pair of an nn.Sequential (the VAE's decoder). The same map, the
-    same parameters and state_dict keys: checkpoints load either way."""
-    for m in list(model.modules()):
-        if type(m) is unet.Upsample and _is_3x3_same(m.conv):
-            m.__class__, m.conv.__class__ = TransposedUpsample, TransposedUpConv
-        if isinstance(m, nn.Sequential):
-            for i in range(len(m) - 1):
-                up = m[i]
-                nearest_x2 = isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor == 2
-                if nearest_x2 and _is_3x3_same(m[i + 1]):
-                    m[i], m[i + 1].__class__ = nn.Identity(), TransposedUpConv
-    return model
 
 
 def prepare_batch(x, rt):

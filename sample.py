@@ -92,6 +92,9 @@ def start_of(cfg, t_start=None):
     noise. Every sampler of a checkpoint gets its start here, so this is where a start outside the timesteps the
     denoiser was trained on is refused."""
     trained = cfg["t_start"]
+    if cfg["cond"] == "none" and t_start not in (None, "full", cfg["T"] - 1):
+        raise ValueError(f"--t_start {t_start}: the unconditional model has no x_hat_0 to start from, so it samples "
+                         f"the whole chain from noise: drop --t_start")
     t_start = trained if t_start is None else t_start
     if cfg["cond"] == "none" or t_start == "full":
         if trained != "full":
@@ -119,20 +122,38 @@ def refine(m, x_hat0, generator=None, noise=None, t_start=None, guidance=0.0, n=
     return x0.clamp(-1, 1)
 
 
+def prior_of(vae, prior):
+    """The mixture z is drawn from for --prior: the VAE's ex-post prior ("expost"), or None for N(0, I) ("normal")."""
+    if prior == "normal":
+        return None
+    if vae.prior is None:
+        raise ValueError("this checkpoint's VAE has no ex-post prior (its stage 1 stopped early): use --prior normal")
+    return vae.prior
+
+
 def reconstruct(vae, x, generator):
     """dec(z), z ~ q(z|x): the VAE's reconstruction of images x as the refiner saw them in training (train.py)."""
     mu, logvar = vae.encode(x)
     return vae.decode(reparameterize(mu, logvar, ddpm.randn_like(mu, generator)))
 
 
-def samples(m, n, generator, prior="expost", batch_size=256, **options):
-    """n samples in batches: z from the prior, x_hat_0 = dec(z) and its refinement; returns (x_hat_0 or None, x_0)."""
+def generators(seed, device="cpu"):
+    """Two independent random streams of one seed (numpy's SeedSequence): z's, then the sampler's noise. With z
+    drawn from its own stream, one --seed gives the same z, so the same x_hat_0, whatever the sampler flags."""
+    states = np.random.SeedSequence(seed).generate_state(2, np.uint64) >> np.uint64(1)
+    return tuple(torch.Generator(device=device).manual_seed(int(s)) for s in states)
+
+
+def samples(m, n, generators, prior="expost", batch_size=256, **options):
+    """n samples in batches: z from the prior, x_hat_0 = dec(z) and its refinement; returns (x_hat_0 or None, x_0).
+    generators: (z's, the sampler noise's), as `generators` makes them."""
+    z_generator, generator = generators
     vae_out, refined = [], []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         x_hat0 = None
         if m.vae is not None:
-            z = sample_prior(b, m.vae.z_dim, m.vae.prior if prior == "expost" else None, generator=generator,
+            z = sample_prior(b, m.vae.z_dim, prior_of(m.vae, prior), generator=z_generator,
                              device=next(m.net.parameters()).device)
             x_hat0 = m.vae.decode(z)
             vae_out.append(x_hat0)
@@ -146,13 +167,13 @@ def pairs(x_hat0, x0, k=64, width=8):
 
 
 def along_paths(m, paths, generator, **options):
-    """x_hat_0 and its refinement at every point of each path in z, (P, n, C, H, W) each; one DDPM noise per path,
-    shared by its points, so that what changes along a path is z alone."""
+    """x_hat_0 and its refinement at every point of each path in z, (P, n, C, H, W) each; every draw of the sampler
+    (the start and each step's noise) is shared by the points of a path, so that what changes along it is z alone."""
     out = []
     for z in paths:
         x_hat0 = m.vae.decode(z)
-        noise = ddpm.randn_like(x_hat0[:1], generator).expand_as(x_hat0)
-        out.append((x_hat0, refine(m, x_hat0, generator, noise=noise, **options)))
+        noise = ddpm.randn_like(x_hat0, generator, shared=True)
+        out.append((x_hat0, refine(m, x_hat0, generator, noise=noise, shared_noise=True, **options)))
     return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
 
@@ -167,12 +188,23 @@ def class_mean_z(vae, cfg, data_dir, label, device):
     return vae.encode(to_model_range(sel).to(device))[0].mean(0)
 
 
+def paths_in_z(m, args, generator, device):
+    """The paths of --mode interp / arith (args: mode, n, paths, prior, arith, data_dir): straight paths z0 -> z1 of
+    --n points, or z + s (mean z of class ATTR - mean z of class BASE), s = 0 .. 1.5."""
+    draw_z = lambda k: sample_prior(k, m.vae.z_dim, prior_of(m.vae, args.prior), generator=generator, device=device)
+    w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
+    if args.mode == "interp":
+        return [(1 - w) * z0 + w * z1 for z0, z1 in ((draw_z(1), draw_z(1)) for _ in range(args.paths))]
+    attr, base = (class_mean_z(m.vae, m.cfg, args.data_dir, c, device) for c in args.arith)
+    return [draw_z(1) + 1.5 * w * (attr - base) for _ in range(args.paths)]
+
+
 def run_mode(args, m, device):
     """Returns (grid rows, grid width, arrays to save) for the chosen mode."""
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g_z, g = generators(args.seed, device)
     options = dict(t_start=args.t_start, guidance=args.guidance, steps=args.steps, sampler=args.sampler, eta=args.eta)
     if args.mode == "sample":
-        x_hat0, x0 = samples(m, args.n, g, args.prior, args.batch_size, **options)
+        x_hat0, x0 = samples(m, args.n, (g_z, g), args.prior, args.batch_size, **options)
         if x_hat0 is None:
             return [x0[:64]], 8, {"x0": x0}
         return pairs(x_hat0, x0), 8, {"vae": x_hat0, "x0": x0}
@@ -181,18 +213,10 @@ def run_mode(args, m, device):
     if args.mode == "recon":
         images, _ = load_dataset(m.cfg["dataset"], args.data_dir, split="test", image_size=m.cfg["image_size"])
         x = to_model_range(images[: args.n]).to(device)
-        x_hat0 = reconstruct(m.vae, x, g)
+        x_hat0 = reconstruct(m.vae, x, g_z)
         x0 = refine(m, x_hat0, g, **options)
         return [x, x_hat0, x0], len(x), {"data": x, "vae": x_hat0, "x0": x0}
-    draw_z = lambda k: sample_prior(k, m.vae.z_dim, m.vae.prior if args.prior == "expost" else None, generator=g,
-                                    device=device)
-    w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
-    if args.mode == "interp":  # straight paths z0 -> z1 of --n points
-        paths = [(1 - w) * z0 + w * z1 for z0, z1 in ((draw_z(1), draw_z(1)) for _ in range(args.paths))]
-    else:  # arith: z + s (mean z of class ATTR - mean z of class BASE), s = 0 .. 1.5
-        attr, base = (class_mean_z(m.vae, m.cfg, args.data_dir, c, device) for c in args.arith)
-        paths = [draw_z(1) + 1.5 * w * (attr - base) for _ in range(args.paths)]
-    x_hat0, x0 = along_paths(m, paths, g, **options)
+    x_hat0, x0 = along_paths(m, paths_in_z(m, args, g_z, device), g, **options)
     return [r for p in range(args.paths) for r in (x_hat0[p], x0[p])], args.n, {"vae": x_hat0, "x0": x0}
 
 

@@ -1,10 +1,10 @@
-"""Train DiffuseVAE in two stages ([DiffuseVAE]: the joint ELBO splits into L_VAE + L_DDPM, trained in turn).
+"""Train DiffuseVAE in two stages (Pandey et al. 2022, arXiv:2201.00308: the joint ELBO splits into L_VAE + L_DDPM, trained in turn).
 
     python train.py --stage vae                       # stage 1: the VAE, maximising the ELBO (vae.py)
     python train.py --stage ddpm                      # stage 2: the DDPM refiner on (x_0, x_hat_0), VAE frozen
     python train.py --stage ddpm --cond none          # the unconditional DDPM baseline, same UNet and budget
     python train.py --stage ddpm --set t_start=50 lr=2e-3    # any key of the preset, checked against it
-    torchrun --nproc_per_node=4 train.py ...          # several GPUs (or CPU processes): DistributedDataParallel
+    torchrun --nproc_per_node=4 train.py --stage ddpm   # several GPUs (or CPU processes): DistributedDataParallel
 
 Each stage writes one checkpoint (runtime.py describes it) and, periodically, a sample grid and a loss curve next
 to it. --resume continues exactly: every step's randomness is a function of (seed, rank, step), so a resumed run
@@ -27,7 +27,7 @@ import ddpm
 import diffusevae
 import runtime
 import sample
-from data import DataError, load_dataset, save_grid, save_loss_curve, to_model_range
+from data import DATASETS, DataError, load_dataset, save_grid, save_loss_curve, to_model_range
 from runtime import CheckpointError, load_checkpoint, save_atomic
 from unet import UNet
 from vae import VAE, fit_expost_prior
@@ -48,33 +48,38 @@ CIFAR10 = dict(CPU, dataset="cifar10", batch_size=128, lr=2e-4, vae_lr=1e-4, war
                sample_every=10_000, ckpt_every=5000)
 CELEBA64 = dict(CIFAR10, dataset="folder", image_size=64, batch_size=64, z_dim=256, ch_mult=[1, 2, 2, 2, 4], dropout=0.1)
 PRESETS = dict(cpu=CPU, paper=PAPER, cifar10=CIFAR10, celeba64=CELEBA64)
+RUN_FLAGS = dict(preset="cpu", form=2, cond="vae", seed=0)  # the flags of a run that --resume takes from its checkpoint
 UNET_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "image_size", "norm_groups")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=["vae", "ddpm"])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: cpu")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="e.g. lr=2e-3 ch=16")
-    p.add_argument("--form", type=int, default=2, choices=[1, 2], help="DiffuseVAE formulation 1 or 2")
-    p.add_argument("--cond", default="vae", choices=["vae", "none"], help="none: the unconditional DDPM baseline")
+    p.add_argument("--form", type=int, default=None, choices=[1, 2], help="DiffuseVAE formulation (default 2)")
+    p.add_argument("--cond", default=None, choices=["vae", "none"], help="none: the unconditional DDPM baseline")
     p.add_argument("--out_dir", default="runs/fashion", help="where the checkpoint, grids and curves go")
     p.add_argument("--vae_ckpt", default=None, help="stage 2's frozen VAE (default: OUT_DIR/vae.pt)")
     p.add_argument("--data_dir", default=None, help="dataset location (default: data.py's for the dataset)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue OUT_DIR's checkpoint of this stage exactly")
+    p.add_argument("--seed", type=int, default=None, help="default: 0")
+    p.add_argument("--resume", action="store_true", help="continue OUT_DIR's checkpoint of this stage exactly, "
+                   "with its saved configuration")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--channels_last", default="auto", choices=list(runtime.AUTO_ON_OFF), help="NHWC convs")
     p.add_argument("--bf16", default="auto", choices=list(runtime.AUTO_ON_OFF), help="bf16 autocast (auto: CUDA)")
     p.add_argument("--deterministic", action="store_true", help="deterministic kernels only (runtime.deterministic)")
     args = p.parse_args(argv)
+    args.given = {k for k, v in RUN_FLAGS.items() if getattr(args, k) is not None}  # what --resume must check
+    for key, default in RUN_FLAGS.items():
+        setattr(args, key, default if getattr(args, key) is None else getattr(args, key))
     try:
         cfg = make_config(PRESETS[args.preset], args.set, args.cond, args.stage, args.steps)
     except ValueError as e:
         p.error(str(e))
-    args.form = 1 if args.cond == "none" else args.form  # the baseline has no x_hat_0 to shift by
+    cfg.update(form=1 if args.cond == "none" else args.form, cond=args.cond, seed=args.seed)  # baseline: no shift
     args.ckpt = os.path.join(args.out_dir, f"{args.stage}.pt")
     args.vae_ckpt = args.vae_ckpt or os.path.join(args.out_dir, "vae.pt")
     return args, cfg
@@ -101,12 +106,20 @@ def make_config(preset, overrides, cond, stage, steps=None):
         cfg.update(t_start="full", cond_drop=0.0, param="eps" if cfg["param"] == "residual" else cfg["param"])
     cfg.update(steps=cfg[f"{stage}_steps"] if steps is None else steps,
                peak_lr=cfg["vae_lr" if stage == "vae" else "lr"])
+    counts = ("steps", "batch_size", "warmup", "vae_steps", "ddpm_steps", "z_dim", "prior_k", "T", "log_every",
+              "sample_every", "ckpt_every")
     broken = [rule for ok, rule in [
+        (min(cfg[k] for k in counts) >= 1, f"{', '.join(counts)} are at least 1"),
+        (cfg["subset"] >= 0, "subset (0: every image) is at least 0"),
+        (min(cfg["lr"], cfg["vae_lr"]) > 0, "lr and vae_lr are positive"),
+        (0 <= cfg["ema_decay"] < 1, "ema_decay is in [0, 1) (the EMA keeps that fraction of itself at each step)"),
+        (cfg["vae_ch"] >= 8 and cfg["vae_ch"] % 8 == 0, "vae_ch is a positive multiple of 8 (the VAE's GroupNorm)"),
+        (cfg["image_size"] % 8 == 0, "image_size is a multiple of 8 (the VAE halves it three times)"),
+        (cfg["dataset"] in DATASETS, f"dataset is one of {DATASETS}"),
+        (cfg["schedule"] in ddpm.SCHEDULES, f"schedule is one of {ddpm.SCHEDULES}"),
         (cfg["t_start"] == "full" or 0 <= cfg["t_start"] < cfg["T"], "t_start is 0..T-1 or 'full'"),
         (0 <= cfg["cond_drop"] < 1, "cond_drop (the fraction of examples trained without x_hat_0) is in [0, 1)"),
-        (cfg["param"] in diffusevae.PARAMETERISATIONS, f"param is one of {diffusevae.PARAMETERISATIONS}"),
-        (min(cfg["steps"], cfg["batch_size"], cfg["prior_k"], cfg["log_every"]) >= 1 and cfg["subset"] >= 0,
-         "steps, batch_size, prior_k, log_every are at least 1 and subset (0: every image) at least 0")] if not ok]
+        (cfg["param"] in diffusevae.PARAMETERISATIONS, f"param is one of {diffusevae.PARAMETERISATIONS}")] if not ok]
     try:  # the stage-2 network's shape, checked by the UNet itself (on the meta device: no memory is allocated)
         with torch.device("meta"):
             UNet(**{k: cfg[k] for k in UNET_KEYS})
@@ -157,6 +170,10 @@ class Run:
 
 def main(argv=None):
     args, cfg = parse_args(argv)
+    try:
+        cfg = resumed_config(args, cfg) if args.resume else cfg
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     run = Run(args, cfg, *runtime.setup_processes(args))
     try:
         start(run)
@@ -189,13 +206,17 @@ def start(run):
     if len(run.shard) < cfg["batch_size"] // rt.world:
         raise ValueError(f"only {len(run.shard)} images per process for a per-process batch of "
                          f"{cfg['batch_size'] // rt.world}: lower batch_size")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg["seed"])
     if args.stage == "vae":
         model = VAE(img_ch=images.shape[1], image_size=cfg["image_size"], ch=cfg["vae_ch"], z_dim=cfg["z_dim"])
     else:
-        if args.cond == "vae":  # stage 1's EMA VAE, frozen, with its ex-post prior
+        if cfg["cond"] == "vae":  # stage 1's EMA VAE, frozen, with its ex-post prior
             hint = "Train the VAE first: python train.py --stage vae (or pass --vae_ckpt PATH)."
             run.vae = runtime.prepare_model(VAE.from_checkpoint(load_checkpoint(args.vae_ckpt, "vae", hint)), rt)[0]
+            if run.vae.prior is None:
+                raise CheckpointError(f"{args.vae_ckpt} has no ex-post prior: its stage 1 stopped before the last step, "
+                                      f"where the prior that sampling draws z from is fitted. Finish it first: "
+                                      f"python train.py --stage vae --resume --out_dir {os.path.dirname(args.vae_ckpt) or '.'}")
             if run.vae.config["img_ch"] != images.shape[1] or run.vae.config["image_size"] != cfg["image_size"]:
                 raise CheckpointError(f"the VAE in {args.vae_ckpt} makes {run.vae.config['img_ch']}x"
                                       f"{run.vae.config['image_size']} images, but dataset {cfg['dataset']} has "
@@ -208,6 +229,23 @@ def start(run):
     if args.resume:
         resume(run)
     run.model = runtime.wrap_ddp(run.model, rt)
+
+
+def resumed_config(args, cfg):
+    """The configuration a --resume continues: the one its checkpoint saved (preset, --set, form, cond, seed), with
+    --steps when given, to train further. A flag or --set value given that differs from the saved run is refused,
+    each named, so a resumed run is the run that was saved."""
+    saved = load_checkpoint(args.ckpt, stage=args.stage, hint="Drop --resume to start a new run.")["config"]
+    if set(cfg) - set(saved):
+        raise CheckpointError(f"{args.ckpt} was written by an older version of train.py (its configuration has no "
+                              f"{', '.join(sorted(set(cfg) - set(saved)))}): start a new run with another --out_dir")
+    given = {pair.partition("=")[0] for pair in args.set} | (args.given - {"preset"})
+    given |= set(PRESETS[args.preset]) if "preset" in args.given else set()
+    differ = [f"{k}={cfg[k]!r} (saved: {saved[k]!r})" for k in sorted(given - {"steps"}) if cfg[k] != saved[k]]
+    if differ:
+        raise ValueError(f"--resume continues the run saved in {args.ckpt}, but the flags ask for {'; '.join(differ)}."
+                         f" Drop those flags to continue it as saved, or start a new run with another --out_dir")
+    return dict({k: saved[k] for k in cfg}, steps=saved["steps"] if args.steps is None else args.steps)
 
 
 def resume(run):
@@ -239,7 +277,7 @@ def train_step(run):
     """One optimisation step on a fresh batch: the negative ELBO (stage 1) or L_DDPM (stage 2), backward,
     gradient clipping, AdamW, EMA. Returns the batch's mean loss."""
     cfg = run.cfg
-    torch.manual_seed(step_seed(run.args.seed, run.rank, run.step))  # one stream: batch, z, t, noise, dropout
+    torch.manual_seed(step_seed(cfg["seed"], run.rank, run.step))  # one stream: batch, z, t, noise, dropout
     idx = torch.randint(0, len(run.shard), (cfg["batch_size"] // run.rt.world,))
     x0 = runtime.prepare_batch(to_model_range(run.shard[idx]), run.rt)
     for group in run.opt.param_groups:  # linear warm-up, a function of the step: exact on resume
@@ -251,7 +289,7 @@ def train_step(run):
         # x_hat_0 = dec(z) outside autocast, in fp32 as sampling decodes it; only the denoiser runs under autocast
         x_hat0 = diffusevae.condition_from_vae(run.vae, x0) if run.vae is not None else None
         with runtime.autocast(run.rt):
-            loss = diffusevae.ddpm_loss(run.model, run.diffusion, x0, x_hat0, form=run.args.form,
+            loss = diffusevae.ddpm_loss(run.model, run.diffusion, x0, x_hat0, form=cfg["form"],
                                         t_max=None if cfg["t_start"] == "full" else cfg["t_start"],
                                         param=cfg["param"], cond_drop=cfg["cond_drop"])[0].mean()
     run.opt.zero_grad(set_to_none=True)
@@ -283,8 +321,10 @@ def train_loop(run, stop):
             bar.update(every if step % every == 0 else step % every)
         if run.rt.world > 1 and runtime.any_rank(stop["signal"] is not None, run.rt):  # all stop at one step
             stop["signal"] = stop["signal"] or signal.SIGTERM
-        if master and (step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop["signal"]):
-            save_checkpoint(run)
+        if step % cfg["ckpt_every"] == 0 or step == cfg["steps"] or stop["signal"]:
+            check_finite(run)  # on every rank: DDP keeps the replicas equal, so all of them stop here together
+            if master:
+                save_checkpoint(run)
         if master and (step % cfg["sample_every"] == 0 or step == cfg["steps"]):
             write_pictures(run)
         if stop["signal"]:
@@ -296,16 +336,20 @@ def train_loop(run, stop):
 
 # ----------------------------------------------------------------------------- saving and finishing
 
-def save_checkpoint(run, prior=None):
-    """Rank 0 writes the run's one checkpoint (runtime.save_atomic), refusing non-finite weights. Stage 2 stores
-    the frozen VAE it trained with; stage 1's last checkpoint stores the ex-post prior."""
+def check_finite(run):
+    """Stops the run, before anything is saved over the last good checkpoint, when a weight is not finite."""
     bad = [n for n, p in run.raw.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise SystemExit(f"error: weights became non-finite ({bad[0]}...) at step {run.step}; "
                          f"the last good checkpoint {run.args.ckpt} is kept")
+
+
+def save_checkpoint(run, prior=None):
+    """Rank 0 writes the run's one checkpoint (runtime.save_atomic). Stage 2 stores the frozen VAE it trained with;
+    stage 1's last checkpoint stores the ex-post prior."""
     cpu = lambda module: {k: v.cpu() for k, v in module.state_dict().items()}
     ck = dict(stage=run.args.stage, model_args=run.raw.config, model=cpu(run.raw), ema=cpu(run.ema.model),
-              config=dict(run.cfg, form=run.args.form, cond=run.args.cond, seed=run.args.seed, world=run.rt.world),
+              config=dict(run.cfg, world=run.rt.world),
               optimizer=run.opt.state_dict(), step=run.step, history=run.history, prior=prior)
     if run.vae is not None:
         ck["vae"] = dict(model_args=run.vae.config, ema=cpu(run.vae), prior=run.vae.prior)
@@ -332,14 +376,13 @@ def write_pictures(run, n=16):
     """A sample grid from the EMA weights (rows of 8: VAE samples, then their refinements) and the loss curve,
     next to the checkpoint."""
     cfg, device, model = run.cfg, run.rt.device, run.ema.model
-    g = torch.Generator(device=device).manual_seed(0)
     base = os.path.splitext(run.args.ckpt)[0]
     if run.args.stage == "vae":
-        rows = [model.sample(n, generator=g, device=device)[0]]
+        rows = [model.sample(n, generator=torch.Generator(device=device).manual_seed(0), device=device)[0]]
     else:
-        m = sample.Refiner(model, run.vae, run.diffusion, dict(cfg, form=run.args.form, cond=run.args.cond))
+        m = sample.Refiner(model, run.vae, run.diffusion, cfg)
         x_hat0, x0 = sample.samples(
-            m, n, g, steps=min(10, cfg["T"] if cfg["t_start"] == "full" else cfg["t_start"] + 1))
+            m, n, sample.generators(0, device), steps=min(10, cfg["T"] if cfg["t_start"] == "full" else cfg["t_start"] + 1))
         rows = [x0] if x_hat0 is None else sample.pairs(x_hat0, x0)
     save_grid(torch.cat(rows), f"{base}_samples.png", nrow=8)
     if run.history:

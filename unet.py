@@ -5,7 +5,7 @@ UNet: levels 32 -> 16 -> 8 -> 4 with channels 128 x (1, 2, 2, 2), two residual b
 self-attention at 16x16, GroupNorm, the timestep fed to every residual block through a sinusoidal embedding,
 dropout 0.1: 35,746,307 parameters.
 
-DiffuseVAE ([DiffuseVAE], Formulation 1 and 2) conditions the same network on the VAE's reconstruction x_hat_0
+DiffuseVAE (Pandey et al. 2022, arXiv:2201.00308, Formulation 1 and 2) conditions the same network on the VAE's reconstruction x_hat_0
 by concatenating it to x_t along channels: the input has img_ch + cond_ch channels, the output img_ch.
 
 Timesteps: t is the code index 0..T-1 (the paper's 1..T), fed to the embedding as is (as DDPM's code does).

@@ -1,7 +1,8 @@
 """The VAE: reparameterisation, the analytic KL, the likelihoods, the ELBO, and the conv networks.
 
-Read beside [Luo] (ELBO, VAE) and [DiffuseVAE] (the generator half of DiffuseVAE: one stochastic layer,
-x_hat_0 = dec(z) is what the DDPM refines). The key identity ([Luo], derivations README):
+Read beside Kingma & Welling 2014 (arXiv:1312.6114), Luo 2022 (arXiv:2208.11970, "Background: ELBO, VAE") and
+DiffuseVAE (Pandey et al. 2022, arXiv:2201.00308: the generator half, one stochastic layer, x_hat_0 = dec(z) is
+what the DDPM refines). The key identity (Luo 2022, "Evidence Lower Bound"):
 
     log p(x) = ELBO + KL(q(z|x) || p(z|x)) >= ELBO,
     ELBO     = E_{q(z|x)}[log p(x|z)] - KL(q(z|x) || N(0, I)).
@@ -21,7 +22,7 @@ LOG_2PI = math.log(2 * math.pi)
 # ----------------------------------------------------------------------------- the math
 
 def reparameterize(mu, logvar, eps=None):
-    """z = mu + sigma * eps, eps ~ N(0, I): a differentiable draw from q(z|x) = N(mu, sigma^2) ([Luo], VAE)."""
+    """z = mu + sigma * eps, eps ~ N(0, I): a differentiable draw from q(z|x) = N(mu, sigma^2) (Kingma & Welling 2014, §2.4)."""
     eps = torch.randn_like(mu) if eps is None else eps
     return mu + torch.exp(0.5 * logvar) * eps
 
@@ -31,6 +32,15 @@ def kl_standard_normal(mu, logvar):
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
+def kl_to_prior(mu, logvar, z, prior=None):
+    """KL(q(z|x) || p(z)) per example (B,), q(z|x) = N(mu, diag e^logvar): in closed form for p(z) = N(0, I)
+    (prior None); for the ex-post mixture, which has no closed form, the one-draw estimate log q(z|x) - log p(z) at
+    the draw z ~ q(z|x) that the bound decodes (unbiased: Kingma & Welling 2014, arXiv:1312.6114, estimator A)."""
+    if prior is None:
+        return kl_standard_normal(mu, logvar)
+    return gaussian_log_likelihood(z, mu, logvar) - gmm_log_prob(z, prior).to(z.dtype)
+
+
 def gaussian_log_likelihood(x, mean, logvar):
     """log N(x; mean, e^logvar I), summed over dimensions, per example (B,). logvar broadcasts."""
     logvar = torch.as_tensor(logvar, dtype=x.dtype, device=x.device).expand_as(x)
@@ -38,8 +48,8 @@ def gaussian_log_likelihood(x, mean, logvar):
 
 
 def negative_elbo(x, x_hat, obs_logvar, mu, logvar):
-    """-ELBO = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) per example (B,), in nats ([Luo]; [DiffuseVAE] L_VAE, with
-    the log the document drops), E_q estimated by the one draw z that decoded to x_hat: p(x|z) = N(x_hat, e^obs_logvar I)."""
+    """-ELBO = -E_q[log p(x|z)] + KL(q(z|x) || N(0, I)) per example (B,), in nats (the negative of
+    DiffuseVAE's L_VAE), E_q estimated by the one draw z that decoded to x_hat: p(x|z) = N(x_hat, e^obs_logvar I)."""
     return kl_standard_normal(mu, logvar) - gaussian_log_likelihood(x, x_hat, obs_logvar)
 
 
@@ -57,7 +67,7 @@ def _up_block(c_in, c_out):
 
 
 class VAE(nn.Module):
-    """Single-stochastic-layer conv VAE ([DiffuseVAE]: the paper keeps the VAE simple on purpose).
+    """Single-stochastic-layer conv VAE (DiffuseVAE: the paper keeps the VAE simple on purpose).
 
     Encoder: image (B, C, S, S) -> S/2, S/4, S/8 feature maps -> (mu, logvar) of a z_dim latent.
     Decoder: z -> (B, 4ch, S/8, S/8) -> upsampled back to (B, C, S, S), the mean of p(x|z).

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -88,16 +89,15 @@ def without_zero_layers(monkeypatch):
 
 
 def test_bf16_rows_are_train_pys_path_under_autocast_where_the_cpu_has_amx(tiny, monkeypatch):
-    """with_bf16 adds the default's step (the last path, train.py's: runtime.py's CPU layout and upsampling)
+    """with_bf16 adds the default's step (the last path, train.py's: runtime.py's CPU layout, the core's layers)
     under bf16 autocast (train.py --bf16 on) only on a CPU with AMX; that step draws the same batch, z, t and noise
     as the fp32 one, so its loss differs only by bf16 rounding: a relative 2^-8 per rounding, and 5 of them
     (test_runtime's bound) before the first update. After the first AdamW step the weights differ too, so only the
     first loss is held to it. train.py decodes x_hat_0 outside autocast, so only the denoiser's output carries the
     rounding: its zero-initialised layers are made nonzero (without_zero_layers), else that output is exactly 0."""
     without_zero_layers(monkeypatch)
-    base = "channels_last, transposed up-conv"
-    assert list(bench.STEP_PATHS)[-1] == base and bench.STEP_PATHS[base] == (
-        runtime.CPU_CHANNELS_LAST, runtime.CPU_TRANSPOSED_UPSAMPLING, False)
+    base = bench.CODE_PATH
+    assert list(bench.STEP_PATHS)[-1] == base and bench.STEP_PATHS[base] == (runtime.CPU_CHANNELS_LAST, False, False)
     monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: False)
     assert bench.with_bf16(bench.STEP_PATHS, CPU) is bench.STEP_PATHS
     monkeypatch.setattr(bench.runtime, "cpu_has_amx", lambda: True)
@@ -199,7 +199,7 @@ def test_the_transposed_up_conv_path_does_16_of_the_36_multiply_adds_of_each_ups
     for fast in (False, True):
         _, loss_fn, model = bench.train_step("unet", "cpu", 4, CPU, channels_last=False, fast_up=fast)
         ups = [m for m in model.modules() if isinstance(m, unet.Upsample)]
-        assert len(ups) == 1 and isinstance(ups[0], runtime.TransposedUpsample) == fast  # TINY: one upsampling
+        assert len(ups) == 1 and isinstance(ups[0], bench.TransposedUpsample) == fast  # TINY: one upsampling
         flops[fast] = bench.count_flops(loss_fn, model)
     B, C, H = 4, TINY["ch"] * TINY["ch_mult"][1], TINY["image_size"] // 2
     assert flops[False] - flops[True] == 3 * 2 * B * C * C * H * H * (36 - 16)
@@ -234,7 +234,7 @@ def what_a_call_sees(model, x):
             return "channels_last"
         return "contiguous" if all(w.is_contiguous() for w in tensors) else "mixed"
     weights = [p for p in model.parameters() if p.dim() == 4]
-    fast = frozenset(isinstance(m, runtime.TransposedUpsample) for m in model.modules() if isinstance(m, unet.Upsample))
+    fast = frozenset(isinstance(m, bench.TransposedUpsample) for m in model.modules() if isinstance(m, unet.Upsample))
     return layout_of([x]), layout_of(weights), fast, x.detach().contiguous().clone()
 
 
@@ -301,7 +301,7 @@ def test_code_paths_keep_the_parameters_and_compute_the_core_models_function(tin
                                                                         generator=torch.Generator().manual_seed(1))))):
         fast = bench.code_path(copy.deepcopy(model), fast_up=True)
         assert fast.state_dict().keys() == model.state_dict().keys()
-        assert sum(isinstance(m, runtime.TransposedUpConv) for m in fast.modules()) == (1 if model is net else 3)
+        assert sum(isinstance(m, bench.TransposedUpConv) for m in fast.modules()) == (1 if model is net else 3)
         assert not any(isinstance(m, torch.nn.Upsample) for m in fast.modules())
         with torch.no_grad():
             expected, out = fn(model), fn(fast)
@@ -318,3 +318,58 @@ def test_in_place_resblock_gradients():
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     temb = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(block, (x, temb), eps=1e-6, atol=1e-7)
+
+
+def test_transposed_up_conv_is_nearest_x2_then_3x3_conv_values_and_gradients():
+    """The reference upsamples by repeating every pixel into a 2x2 block, then convolves: the layer's definition, in
+    float64, values and gradients."""
+    torch.manual_seed(0)
+    layer = bench.TransposedUpConv(5, 4, 3, 1, 1).double()
+    x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)                       # (3, 5, 12, 14)
+    expected = F.conv2d(up, layer.weight, layer.bias, padding=1)                         # (3, 4, 12, 14)
+    out = layer(x)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, rtol=0, atol=1e-13 * expected.abs().max().item())
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
+    want = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=0, atol=1e-13 * b.abs().max().item())
+
+
+def test_transpose_upsampling_folds_every_upsampling_into_the_same_function():
+    """transpose_upsampling folds every nearest x2 + 3x3 conv (the UNet's Upsamples, the VAE decoder's three blocks)
+    into a TransposedUpConv. The folded model has the same state_dict and computes what the model as written
+    computes, to fp32 rounding."""
+    import copy
+    from vae import VAE
+    net = unet.UNet(img_ch=3, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=8,
+               norm_groups=4)
+    vae = VAE(img_ch=3, image_size=16, ch=8, z_dim=4)
+    x, t, z = torch.randn(2, 3, 8, 8), torch.tensor([3, 900]), torch.randn(2, 4)
+    for model, fn, n_up in ((net, lambda m: m(x, t), 1), (vae, lambda m: m.decode(z), 3)):
+        raw = bench.transpose_upsampling(copy.deepcopy(model))
+        assert sum(type(m) is bench.TransposedUpConv for m in raw.modules()) == n_up
+        assert not any(isinstance(m, nn.Upsample) for m in raw.modules())
+        assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), model.state_dict().values()))
+        assert raw.state_dict().keys() == model.state_dict().keys()
+        with torch.no_grad():
+            expected, out = fn(model), fn(raw)
+        assert torch.allclose(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("conv", [
+    dict(groups=2), dict(dilation=2, padding=2), dict(padding_mode="reflect"), dict(stride=2), dict(padding=0)])
+def test_transpose_upsampling_leaves_every_conv_it_does_not_compute_exactly(conv):
+    """TransposedUpConv is a plain 3x3 conv (stride 1, zero padding 1, no dilation, no groups) of the upsampled
+    input: an upsampling followed by any other conv is left as written, so the model computes what it did."""
+    torch.manual_seed(0)
+    kw = dict(dict(stride=1, padding=1), **conv)
+    model = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(4, 4, 3, **kw))
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+        folded = bench.transpose_upsampling(model)
+        assert type(folded[1]) is nn.Conv2d and isinstance(folded[0], nn.Upsample)
+        assert torch.equal(folded(x), expected)

@@ -19,18 +19,22 @@ def f64(*values):
 
 
 def test_form2_per_step_chain_composes_to_the_shifted_marginal_exact(diff):
-    # mean recursion m_1 = sqrt(a_1) x_0 + x_hat_0, m_t = sqrt(a_t) m_{t-1} + (1 - sqrt(a_t)) x_hat_0; variance as DDPM
-    x0, x_hat0 = 0.7, -0.4
+    # form2_q_step is affine in (x_prev, x_hat_0, noise): its noise-free output carries the mean, its coefficient on
+    # the noise (output at x_prev = x_hat_0 = 0, noise = 1) the added standard deviation. Composed over every step
+    # they must give the closed-form marginal N(sqrt(ab_t) x_0 + x_hat_0, (1 - ab_t) I), which form2_q_sample draws.
+    x0, x_hat0, zero, one = f64(0.7), f64(-0.4), f64(0.0), f64(1.0)
     m, v = x0, 0.0
     for i in range(T):
-        a, b = diff.alphas[i].item(), diff.betas[i].item()
-        m = math.sqrt(a) * m + (1.0 if i == 0 else 1 - math.sqrt(a)) * x_hat0
-        v = a * v + b
-        # the step function with zero noise gives the mean recursion too
+        t = torch.tensor([i])
+        m = DV.form2_q_step(diff, m, t, x_hat0, zero)
+        gain = DV.form2_q_step(diff, one, t, zero, zero).item()  # sqrt(alpha_t), the factor on x_{t-1}
+        v = gain**2 * v + DV.form2_q_step(diff, zero, t, zero, one).item() ** 2  # + beta_t
         ab = diff.alphas_cumprod[i].item()
-        assert m == pytest.approx(math.sqrt(ab) * x0 + x_hat0, rel=1e-11, abs=1e-14)
+        assert m.item() == pytest.approx(math.sqrt(ab) * 0.7 - 0.4, rel=1e-11, abs=1e-14)
         assert v == pytest.approx(1 - ab, rel=1e-12)
-    assert abs(m - x_hat0) < 0.01 * abs(x0)  # x_T ~ N(x_hat_0, I): the data is forgotten, x_hat_0 is not
+        assert DV.form2_q_sample(diff, x0, t, x_hat0, zero).item() == pytest.approx(m.item(), rel=1e-12, abs=1e-14)
+        assert DV.form2_q_sample(diff, zero, t, zero, one).item() == pytest.approx(math.sqrt(1 - ab), rel=1e-12)
+    assert abs(m.item() + 0.4) < 0.01 * 0.7  # x_T ~ N(x_hat_0, I): the data is forgotten, x_hat_0 is not
 
 
 def test_form2_step_function_follows_the_recursion_and_monte_carlo_marginal(diff):
@@ -250,6 +254,9 @@ class AffineVAE:
         g = torch.Generator().manual_seed(seed)
         self.A = torch.randn(K, D, generator=g, dtype=torch.float64) / D ** 0.5
         self.B = torch.randn(D, K, generator=g, dtype=torch.float64) / K ** 0.5
+        L = torch.randn(2, K, K, generator=g, dtype=torch.float64).tril() * 0.3 + torch.eye(K, dtype=torch.float64)
+        self.prior = dict(weights=torch.tensor([0.3, 0.7], dtype=torch.float64),  # an ex-post mixture of two
+                          means=torch.randn(2, K, generator=g, dtype=torch.float64), covs=L @ L.transpose(1, 2))
 
     def encode(self, x):
         mu = x.flatten(1) @ self.A.T
@@ -270,15 +277,24 @@ def test_bound_bpd_is_the_ddpm_bound_given_x_hat0_plus_the_latent_kl(diff, form)
     # only through that shift, so the two bounds must come out equal, draw for draw
     eps_model = (lambda x, t, c: base(x, t)) if form == 1 else (lambda x, t, c: base(x - c, t))
     torch.manual_seed(9)
-    got = DV.bound_bpd(eps_model, diff, x0, vae=vae, form=form)
+    got = DV.bound_bpd(eps_model, diff, x0, vae=vae, form=form, prior="normal")
     torch.manual_seed(9)
     mu, logvar = vae.encode(x0)
-    torch.randn_like(mu)  # the z draw, so the reference sees the same x_t draws
+    eps = torch.randn_like(mu)  # the z draw, so the reference sees the same x_t draws
     expected_ddpm = diff.vlb_terms_bpd(base, x0)["total"]
     expected_kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1) / (D * math.log(2))
     assert torch.allclose(got["ddpm"], expected_ddpm, rtol=1e-12, atol=0)
     assert torch.allclose(got["kl_z"], expected_kl, rtol=1e-12, atol=0)
     assert torch.allclose(got["total"], expected_ddpm + expected_kl, rtol=1e-12, atol=0)
+    # the model sample.py samples draws z from the ex-post mixture: its KL is log q(z|x) - log p(z) at the decoded z
+    torch.manual_seed(9)
+    got = DV.bound_bpd(eps_model, diff, x0, vae=vae, form=form)  # prior="expost", the default
+    z = mu + (0.5 * logvar).exp() * eps
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(1)
+    parts = torch.distributions.MultivariateNormal(vae.prior["means"], vae.prior["covs"])
+    p = torch.logsumexp(parts.log_prob(z[:, None]) + vae.prior["weights"].log(), 1)
+    assert torch.allclose(got["ddpm"], expected_ddpm, rtol=1e-12, atol=0)
+    assert torch.allclose(got["kl_z"], (q - p) / (D * math.log(2)), rtol=1e-10, atol=0)
     # and the unconditional baseline is the DDPM bound alone
     torch.manual_seed(9)
     uncond = DV.bound_bpd(lambda x, t, c: base(x, t), diff, x0)
@@ -416,11 +432,10 @@ def test_a_residual_is_taken_from_the_input_the_network_saw_so_its_null_branch_p
 
 
 def checkpoint_config(argv):
-    """The config a stage-2 checkpoint of `train.py argv` stores (train.save_checkpoint: the preset with --set, plus
-    form and cond), which sample.start_of reads."""
+    """The config a stage-2 checkpoint of `train.py argv` stores (train.save_checkpoint: the preset with --set, form,
+    cond and seed), which sample.start_of reads."""
     import train
-    args, cfg = train.parse_args(argv)
-    return dict(cfg, form=args.form, cond=args.cond)
+    return train.parse_args(argv)[1]
 
 
 def test_start_of_is_the_given_t_start_else_the_trained_one_and_none_for_the_full_chain():
@@ -431,6 +446,13 @@ def test_start_of_is_the_given_t_start_else_the_trained_one_and_none_for_the_ful
     assert sample.start_of(cfg(300)) == 300
     assert sample.start_of(cfg("full")) is None                        # trained on every t: the full chain
     assert sample.start_of(cfg("full", cond="none")) is None           # the unconditional baseline
+    assert sample.start_of(cfg("full", cond="none"), 999) is None      # T - 1 is the full chain too
+
+
+def test_a_start_the_unconditional_model_cannot_honour_is_refused():
+    import sample
+    with pytest.raises(ValueError, match="no x_hat_0 to start from"):
+        sample.start_of(dict(t_start="full", cond="none", T=1000), 50)
 
 
 def test_the_cpu_preset_samples_from_the_top_of_its_training_range_unless_told():

@@ -108,18 +108,17 @@ def test_a_stage_2_checkpoint_of_an_older_code_version_says_to_retrain(run, tmp_
                str(path), "from another version of the code", "retrain")
 
 
-def test_a_stage_1_checkpoint_of_the_older_code_written_mid_run_still_serves_stage_2(run, data_dir, tmp_path):
-    # the older code's VAE checkpoints written before the end of stage 1 (every ckpt_every steps, or on a signal) carry
-    # no "prior" entry; their weights are this code's (vae.py keeps the names), and the older stage 2 used them with
-    # z ~ N(0, I). Stage 2 still does: no traceback, a trained refiner whose VAE has no ex-post prior.
+def test_stage_2_refuses_a_vae_whose_stage_1_stopped_before_its_prior_was_fitted(run, data_dir, tmp_path):
+    # a VAE checkpoint written before stage 1's last step (every ckpt_every steps, or on a signal) has no ex-post
+    # prior, which sampling draws z from: stage 2 says how to finish stage 1 instead of sampling another prior
     ck = load(os.path.join(run, "vae.pt"))
-    del ck["prior"]
-    path = tmp_path / "old_vae.pt"
-    torch.save(ck, path)
-    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", str(tmp_path / "r"), "--vae_ckpt", str(path),
-                "--steps", "1", *TINY])
-    refiner = load(str(tmp_path / "r" / "ddpm.pt"))
-    assert refiner["step"] == 1 and refiner["vae"]["prior"] is None
+    ck["prior"] = None
+    path = tmp_path / "early" / "vae.pt"
+    save_atomic(ck, str(path))
+    fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", str(tmp_path / "r"), "--vae_ckpt",
+                            str(path), "--steps", "1", *TINY], "has no ex-post prior",
+               f"python train.py --stage vae --resume --out_dir {tmp_path / 'early'}")
+    assert not os.path.exists(tmp_path / "r" / "ddpm.pt")
 
 
 @pytest.mark.parametrize("argv,fragments", [
@@ -158,6 +157,21 @@ def test_bad_sampling_arguments(run, argv, fragments, capsys):
     (["--stage", "ddpm", "--set", "ch=20"], ["ch", "multiple of", "norm_groups"]),
     (["--stage", "ddpm", "--set", "ch_mult=[1,2]"], ["ch_mult"]),
     (["--stage", "ddpm", "--set", "ch_mult=[1,0,2]"], ["ch_mult"]),
+    # every key's range, checked once with the configuration, before anything runs
+    (["--set", "warmup=0"], ["invalid configuration", "warmup", "are at least 1"]),
+    (["--set", "ckpt_every=0"], ["invalid configuration", "ckpt_every", "are at least 1"]),
+    (["--set", "sample_every=0"], ["invalid configuration", "sample_every", "are at least 1"]),
+    (["--set", "log_every=0"], ["invalid configuration", "log_every", "are at least 1"]),
+    (["--set", "ema_decay=1.5"], ["invalid configuration", "ema_decay is in [0, 1)"]),
+    (["--set", "ema_decay=1.0"], ["invalid configuration", "ema_decay is in [0, 1)"]),
+    (["--set", "lr=0.0"], ["invalid configuration", "lr and vae_lr are positive"]),
+    (["--set", "vae_lr=-1e-3"], ["invalid configuration", "lr and vae_lr are positive"]),
+    (["--set", "z_dim=0"], ["invalid configuration", "z_dim", "are at least 1"]),
+    (["--set", "T=0"], ["invalid configuration", "T, log_every", "are at least 1"]),
+    (["--set", "vae_ch=12"], ["invalid configuration", "vae_ch is a positive multiple of 8"]),
+    (["--set", "image_size=28"], ["invalid configuration", "image_size is a multiple of 8"]),
+    (["--set", "schedule=sigmoid"], ["invalid configuration", "schedule is one of ('linear', 'cosine')"]),
+    (["--set", "dataset=mnist"], ["invalid configuration", "dataset is one of ('fashion_mnist', 'cifar10', 'folder')"]),
 ])
 def test_bad_training_arguments(argv, fragments, capsys):
     # argparse's own error (exit status 2, the usage first) at parse time: before any data, model or output folder
@@ -165,9 +179,18 @@ def test_bad_training_arguments(argv, fragments, capsys):
     argparse_fails_with(train.parse_args, [*stage, *argv], capsys, *fragments)
 
 
-def test_resuming_with_another_model_says_to_resume_with_the_same_settings(run, data_dir):
+@pytest.mark.parametrize("flags,named", [
+    (["--set", "ch=16"], "ch=16 (saved: 32)"),
+    (["--form", "1"], "form=1 (saved: 2)"),
+    (["--seed", "3"], "seed=3 (saved: 0)"),
+    (["--set", "lr=0.002"], "lr=0.002 (saved: 0.001)"),
+    (["--cond", "none"], "cond='none' (saved: 'vae')"),
+])
+def test_resuming_with_other_settings_is_refused_naming_each(run, data_dir, flags, named):
+    before = open(os.path.join(run, "ddpm.pt"), "rb").read()
     fails_with(train.main, ["--stage", "ddpm", "--data_dir", data_dir, "--out_dir", run, "--steps", "3", "--resume",
-                            *TINY, "--set", "ch=16"], "holds a model with", "resume with the same --preset and --set")
+                            *TINY, *flags], "--resume continues the run saved in", named, "Drop those flags")
+    assert open(os.path.join(run, "ddpm.pt"), "rb").read() == before
 
 
 def test_unwritable_output_directory(run, data_dir, tmp_path):
@@ -195,9 +218,12 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run, 
     out = str(tmp_path / "nan")
     ck = os.path.join(out, "vae.pt")
     train.main(["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "2", *TINY])
+    saved = load(ck)  # the run's learning rate made absurd, as a diverging run's would be
+    saved["config"].update(vae_lr=1e12, peak_lr=1e12)
+    save_atomic(saved, ck)
     before = open(ck, "rb").read()
     message = fails_with(train.main, ["--stage", "vae", "--data_dir", data_dir, "--out_dir", out, "--steps", "40",
-                                      "--resume", *TINY, "--set", "vae_lr=1e12"], "at step", "last good checkpoint")
+                                      "--resume"], "at step", "last good checkpoint")
     assert "loss is" in message or "non-finite" in message
     assert open(ck, "rb").read() == before
 

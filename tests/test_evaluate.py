@@ -383,6 +383,18 @@ def test_evaluate_gives_the_one_dimensional_frechet_distance_and_a_held_out_floo
     assert ev.evaluate(model, {"x0": samples["x0"]})["agreement"] is None  # one set: nothing to compare
 
 
+def test_no_floor_is_scored_from_fewer_held_out_images_than_samples(monkeypatch, capsys):
+    # FID's bias depends on N: with 80 samples and a validation split of 64 the floor would score 64 images against
+    # the samples' 80, so it is not scored, and the report says why and which --n would give one
+    model, gen = NearestLevel(), torch.Generator().manual_seed(0)
+    model.features = lambda x: x[:, 0, 5, :2]
+    monkeypatch.setattr(ev, "_load_real", fake_real)
+    got = ev.evaluate(model, {"x0": images_of_class([1, 2, 3, 4] * 20, gen)})
+    assert got["floor"] is None and got["samples"]["x0"]["n"] == 80
+    assert "floor: not scored, the validation split holds 64 images, fewer than the 80 samples" in capsys.readouterr().out
+    assert ev.evaluate(model, {"x0": images_of_class([1, 2, 3, 4] * 16, gen)})["floor"]["n"] == 64  # same N: scored
+
+
 def test_every_image_set_is_scored_clamped_to_the_data_range():
     # a VAE's x_hat_0 can leave [-1, 1] (sample.py saves it clamped): its features and classes are those of the clamp
     torch.manual_seed(0)

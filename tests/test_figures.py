@@ -164,7 +164,9 @@ def test_the_readme_picture_is_what_sample_py_draws_each_pixel_a_4x4_block(tmp_p
     import numpy as np
     import sample
     from PIL import Image
-    ckpt = tiny_refiner_checkpoint(str(tmp_path / "ddpm.pt"), t_start=20, prior=None)
+    import torch
+    prior = dict(weights=torch.ones(1), means=torch.zeros(1, 4), covs=torch.eye(4)[None])  # every refiner's VAE has one
+    ckpt = tiny_refiner_checkpoint(str(tmp_path / "ddpm.pt"), t_start=20, prior=prior)
     sample.main(["--ckpt", ckpt, "--steps", "10", "--n", "16", "--out", str(tmp_path / "s")])
     drawn = np.load(tmp_path / "s.npz")
     monkeypatch.chdir(tmp_path)

@@ -117,7 +117,7 @@ def test_spacing_and_t_start_flags_pick_the_timesteps_the_refiner_visits(trained
     for spacing, t_start, expected in [("uniform", None, [110, 73, 37, 0]), ("quadratic", None, [110, 49, 12, 0]),
                                        ("uniform", 40, [40, 27, 13, 0])]:
         visited.clear()
-        sample.samples(m, 3, torch.Generator().manual_seed(0), steps=4, spacing=spacing, t_start=t_start)
+        sample.samples(m, 3, sample.generators(0), steps=4, spacing=spacing, t_start=t_start)
         assert visited == expected, (spacing, t_start)
 
 
@@ -297,6 +297,32 @@ def test_sampling_modes(trained, data_dir, mode, extra):
         assert not np.allclose(arrays["vae"][0, 0], arrays["vae"][0, -1])
 
 
+@pytest.mark.parametrize("flags", [[], ["--sampler", "ddpm"]])
+def test_a_path_of_one_z_refines_to_one_image_at_the_default_sampler(trained, flags):
+    # every draw of the sampler is shared along a path (its start and each step's noise), so points with the same z
+    # are refined alike: what changes along a path is z alone. The defaults draw fresh noise at every step (eta 0.5).
+    args = sample.parse_args(["--ckpt", os.path.join(trained, "ddpm.pt"), "--steps", "5", *flags])
+    assert args.sampler == "ddpm" or args.eta > 0
+    m = sample.load(args.ckpt, torch.device("cpu"))
+    z = torch.randn(1, m.vae.z_dim, generator=torch.Generator().manual_seed(0))
+    paths = [z.expand(4, -1), torch.randn(4, m.vae.z_dim, generator=torch.Generator().manual_seed(1))]
+    x_hat0, x0 = sample.along_paths(m, paths, torch.Generator().manual_seed(2), steps=args.steps,
+                                    sampler=args.sampler, eta=args.eta)
+    assert all(torch.equal(x0[0, 0], x0[0, i]) for i in range(1, 4))
+    assert not torch.allclose(x0[1, 0], x0[1, 1], atol=1e-3)  # other z, other refinement
+
+
+def test_one_seed_gives_the_same_z_whatever_the_sampler_flags(trained, tmp_path):
+    # z comes from a stream of its own: the sampler's options change the refinement, never x_hat_0 (batches of 2)
+    outs = {}
+    for name, flags in {"eta0": ["--eta", "0"], "eta1": ["--eta", "1"], "ddpm": ["--sampler", "ddpm"]}.items():
+        sample.main(["--ckpt", os.path.join(trained, "ddpm.pt"), "--steps", "3", "--n", "6", "--batch_size", "2",
+                     "--seed", "5", "--out", str(tmp_path / name), *flags])
+        outs[name] = np.load(str(tmp_path / name) + ".npz")
+    assert np.array_equal(outs["eta0"]["vae"], outs["eta1"]["vae"])
+    assert np.array_equal(outs["eta0"]["vae"], outs["ddpm"]["vae"])
+
+
 @pytest.mark.parametrize("mode,extra", [("interp", []), ("arith", ["--arith", "7", "1"])])
 def test_paths_in_z_give_one_row_pair_per_path(trained, data_dir, tmp_path, capsys, mode, extra):
     # (the judge's report on the paths left sample.py with the control mode)
@@ -336,6 +362,23 @@ def test_resume_continues_exactly_and_runs_are_deterministic(tmp_path, data_dir,
         for part_x, part_y in zip(x, y):
             assert_same(part_x, part_y)
     assert load(part)["step"] == 6
+
+
+def test_a_plain_resume_continues_the_saved_form_seed_and_configuration(tmp_path, data_dir, trained):
+    # a run of --form 1 --seed 3 --set lr=0.002, resumed with none of those flags, is the run that was saved: bit for
+    # bit the uninterrupted one, and its checkpoint still says form 1 (what sample.py samples it as)
+    common = ["--stage", "ddpm", "--data_dir", data_dir, "--vae_ckpt", os.path.join(trained, "vae.pt"), *TINY]
+    run_flags = ["--form", "1", "--seed", "3", "--set", "lr=0.002"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    train.main([*common, *run_flags, "--out_dir", whole, "--steps", "4", "--deterministic"])
+    train.main([*common, *run_flags, "--out_dir", part, "--steps", "2", "--deterministic"])
+    train.main(["--stage", "ddpm", "--data_dir", data_dir, "--vae_ckpt", os.path.join(trained, "vae.pt"),
+                "--out_dir", part, "--steps", "4", "--deterministic", "--resume"])
+    resumed = load(os.path.join(part, "ddpm.pt"))
+    assert (resumed["config"]["form"], resumed["config"]["seed"], resumed["config"]["lr"]) == (1, 3, 0.002)
+    assert resumed["config"]["batch_size"] == 8 and resumed["step"] == 4
+    for x, y in zip(weights(os.path.join(whole, "ddpm.pt")), weights(os.path.join(part, "ddpm.pt"))):
+        assert_same(x, y)
 
 
 def test_two_processes_with_gloo_keep_identical_weights(tmp_path, data_dir, trained):

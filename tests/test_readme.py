@@ -8,6 +8,7 @@ Both documents are read when the tests are collected, so the checks follow them 
 only as far as a command line needs: `\\` continuations, `# comments`, quotes, `&&`, `||`, `|`, `;`, redirections,
 leading `VAR=value`, `time`, `do`/`then`. A command that uses a shell variable ($flags) cannot be checked without
 running the shell: it fails, naming its line, so the documents write their commands out."""
+import ast
 import contextlib
 import importlib
 import io
@@ -118,7 +119,31 @@ def readme_commands(text):
                 yield lineno, line, found[0], found[1]
 
 
-COMMANDS = [(doc, *command) for doc in DOCS for command in readme_commands(read_readme(doc))]
+def docstring_commands(path):
+    """(line number, command) of each command line in a module's docstring, the way the scripts show their usage:
+    an indented line that starts with python, torchrun or VAR=value, with its backslash continuations."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    doc = ast.get_docstring(tree, clean=False) or ""
+    found, pending, start = [], "", 0
+    for i, line in enumerate(doc.split("\n"), start=1 + (tree.body[0].lineno - 1 if tree.body else 0)):
+        text = line.strip()
+        if not pending and not re.match(r"(python[\d.]*|torchrun|[A-Z_]+=\S*)\s", text):
+            continue
+        start, pending = (start if pending else i), pending + text
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        found.append((start, pending))
+        pending = ""
+    return found
+
+
+SCRIPTS = sorted(f for f in os.listdir(ROOT) if f.endswith(".py")) + sorted(
+    f"tools/{f}" for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+COMMANDS = [(doc, *command) for doc in DOCS for command in readme_commands(read_readme(doc))] + [
+    (script, lineno, line, *found) for script in SCRIPTS for lineno, line in docstring_commands(os.path.join(ROOT, script))
+    for seg in segments(line) for found in [invocation(seg)] if found and found[0] != "pytest"]
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -155,6 +180,27 @@ def test_readme_command_parses(doc, lineno, line, script, argv):
         if e.code not in (0, None):  # 0: --help
             said = err.getvalue().strip().splitlines()
             pytest.fail(f"{where}: {script}'s parser rejects it: {said[-1] if said else e}", pytrace=False)
+
+
+def flags_of(script):
+    """Every --flag the script's parser takes, read from its --help."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args(["--help"])
+    return set(re.findall(r"(?<![\w-])(--\w+)", out.getvalue()))
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_every_flag_a_document_shows_alone_is_one_a_script_takes(doc):
+    """An inline span of flags alone (`--resume`, `--set KEY=VALUE`), which a reader adds to a command, names only
+    flags that train.py, sample.py or a tool takes."""
+    known = set().union(*(flags_of(m) for m in ("train", "sample", *(f"tools.{f[6:-3]}" for f in SCRIPTS
+                                                                        if f.startswith("tools/") and f != "tools/__init__.py"
+                                                                        and f != "tools/shape.py"))))
+    _, rest = code_blocks(read_readme(doc))
+    unknown = [(n, flag) for n, span in inline_spans(rest) if span.startswith("--")
+               for flag in re.findall(r"(?<![\w-])--\w+", span) if flag not in known]
+    assert not unknown, f"{doc} shows flags no script takes: " + ", ".join(f"line {n}: {f}" for n, f in unknown)
 
 
 @pytest.mark.parametrize("doc", DOCS)

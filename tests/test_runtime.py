@@ -230,43 +230,17 @@ def test_compile_gives_the_same_loss(reference):
     assert rel_err(losses, eager) < 1e-5, (losses, eager)
 
 
-def test_transposed_up_conv_is_nearest_x2_then_3x3_conv_values_and_gradients():
-    """The reference upsamples by repeating every pixel into a 2x2 block, then convolves: the layer's definition, in
-    float64, values and gradients."""
-    torch.manual_seed(0)
-    layer = R.TransposedUpConv(5, 4, 3, 1, 1).double()
-    x = torch.randn(3, 5, 6, 7, dtype=torch.float64, requires_grad=True)
-    up = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)                       # (3, 5, 12, 14)
-    expected = F.conv2d(up, layer.weight, layer.bias, padding=1)                         # (3, 4, 12, 14)
-    out = layer(x)
-    assert out.shape == expected.shape
-    assert torch.allclose(out, expected, rtol=0, atol=1e-13 * expected.abs().max().item())
-    g = torch.randn_like(expected)
-    got = torch.autograd.grad(out, (x, layer.weight, layer.bias), g)
-    want = torch.autograd.grad(expected, (x, layer.weight, layer.bias), g)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, rtol=0, atol=1e-13 * b.abs().max().item())
-
-
-def test_prepare_model_on_the_cpu_computes_every_upsampling_as_a_transposed_conv_the_same_function():
-    """runtime.choose('cpu') folds every nearest x2 + 3x3 conv (the UNet's Upsamples, the VAE decoder's three blocks)
-    into a TransposedUpConv; CUDA keeps them as written. The prepared model has the same state_dict (a checkpoint of
-    either loads into the other) and computes what the model as written computes, to fp32 rounding."""
+def test_prepare_model_runs_the_layers_as_written_on_every_device():
+    """The code that runs is the code in unet.py and vae.py: prepare_model moves and lays out the model, it never
+    changes a layer's class, so every module of the prepared model has the type it was built with."""
     import copy
     from vae import VAE
-    assert R.choose("cpu").transposed_upsampling and not R.choose("cuda").transposed_upsampling
-    assert "upsampling transposed conv" in R.choose("cpu").describe()
-    net, vae = tiny_unet(), VAE(img_ch=3, image_size=16, ch=8, z_dim=4)
-    x, t, z = torch.randn(2, 3, 8, 8), torch.tensor([3, 900]), torch.randn(2, 4)
-    for model, fn, n_up in ((net, lambda m: m(x, t), 1), (vae, lambda m: m.decode(z), 3)):
-        raw, _ = R.prepare_model(copy.deepcopy(model), R.choose("cpu", channels_last=False))
-        assert sum(type(m) is R.TransposedUpConv for m in raw.modules()) == n_up
-        assert not any(isinstance(m, nn.Upsample) for m in raw.modules())
-        assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), model.state_dict().values()))
-        assert raw.state_dict().keys() == model.state_dict().keys()
-        with torch.no_grad():
-            expected, out = fn(model), fn(raw)
-        assert torch.allclose(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    for model in (tiny_unet(), VAE(img_ch=3, image_size=16, ch=8, z_dim=4)):
+        types = [type(m) for m in model.modules()]
+        for device in ("cpu",):
+            raw, _ = R.prepare_model(copy.deepcopy(model), R.choose(device))
+            assert [type(m) for m in raw.modules()] == types
+    assert "upsampling" not in R.choose("cpu").describe()
 
 
 def test_prepare_model_keeps_the_raw_model_for_checkpoints():

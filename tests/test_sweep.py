@@ -29,7 +29,7 @@ def cells(out):
         return [r for r in json.load(f) if r["sampler"] != "-"]
 
 
-def test_a_cell_is_measured_again_under_another_prior_or_split(trained, classifiers, tmp_path):
+def test_a_cell_is_measured_again_under_another_prior_split_or_batch_size(trained, classifiers, tmp_path):
     out = str(tmp_path / "sweep")
     common = ["--models", f"m={os.path.join(trained, 'ddpm.pt')}", "--steps", "2", "--samplers", "ddim", "--n", "8",
               "--batch_size", "8", "--out", out, *classifiers]
@@ -38,8 +38,10 @@ def test_a_cell_is_measured_again_under_another_prior_or_split(trained, classifi
     assert len(cells(out)) == 1
     sweep.main(common + ["--prior", "normal"])
     sweep.main(common + ["--split", "val"])
+    sweep.main(common + ["--batch_size", "4"])  # the per-batch generators, so the z, follow the batch size
     rows = cells(out)
-    assert [(r["prior"], r["split"]) for r in rows] == [("expost", "test"), ("normal", "test"), ("expost", "val")]
+    assert [(r["prior"], r["split"], r["batch_size"]) for r in rows] == [
+        ("expost", "test", 8), ("normal", "test", 8), ("expost", "val", 8), ("expost", "test", 4)]
     assert rows[0]["fid"] != rows[1]["fid"]  # other z, other samples
     for r in rows:
         assert {"fid", "kid", "fid_judge", "kid_judge", "agree"} <= set(r)

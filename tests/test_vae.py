@@ -238,3 +238,24 @@ def test_em_never_lowers_the_log_likelihood():
     assert len(history) == 61 and (steps >= -1e-12).all() and history[-1] > history[0] + 0.1
     assert abs(history[-1] - V.gmm_log_prob(z, V.fit_gmm(z, k=5, iters=60, tol=-1.0,
                generator=torch.Generator().manual_seed(5))[0]).mean().item()) < 1e-12
+
+
+def test_kl_to_a_mixture_is_estimated_without_bias_and_to_n01_in_closed_form():
+    # KL(N(mu, diag s^2) || N(m, S)) = 1/2 [tr(S^-1 diag s^2) + (m - mu)^T S^-1 (m - mu) - d + log det S - sum log s^2]:
+    # a one-component "mixture" has that closed form, which the mean of the one-draw estimates must reach within a
+    # few standard errors; against N(0, I) (prior None) the closed form itself is returned.
+    g = torch.Generator().manual_seed(0)
+    d, N = 3, 200_000
+    mu, logvar = torch.tensor([[0.3, -0.5, 1.0]], dtype=torch.float64), torch.tensor([[-0.4, 0.2, -1.0]],
+                                                                                     dtype=torch.float64)
+    L = torch.tensor([[1.2, 0, 0], [0.3, 0.8, 0], [-0.2, 0.1, 0.6]], dtype=torch.float64)
+    m, S = torch.tensor([0.1, 0.2, 0.5], dtype=torch.float64), L @ L.T
+    prior = dict(weights=torch.ones(1, dtype=torch.float64), means=m[None], covs=S[None])
+    S_inv, diff = torch.linalg.inv(S), m - mu[0]
+    exact = 0.5 * (torch.trace(S_inv @ torch.diag(logvar[0].exp())) + diff @ S_inv @ diff - d
+                   + torch.logdet(S) - logvar.sum())
+    z = V.reparameterize(mu.expand(N, d), logvar.expand(N, d), torch.randn(N, d, generator=g, dtype=torch.float64))
+    est = V.kl_to_prior(mu.expand(N, d), logvar.expand(N, d), z, prior)
+    assert abs(est.mean() - exact) < 4 * est.std() / N ** 0.5
+    closed = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum()
+    assert torch.allclose(V.kl_to_prior(mu, logvar, z[:1]), closed.reshape(1), rtol=1e-14)

@@ -12,10 +12,10 @@ latency, and A/B figures for speed choices (modelled on nanoGPT's bench.py).
 
 Paths. Every network runs by the paths of STEP_PATHS: its memory layout (contiguous or channels_last), and two
 alternatives to the core's code patched into a model instance (code_path): every upsampling conv (nearest x2 then
-a 3x3 conv) computed as one stride-2 transposed conv (runtime.TransposedUpConv, what runtime.prepare_model does on
-the CPU), and the UNet's ResBlocks adding in place with SiLU in place when no graph is recorded (InPlaceResBlock,
-defined here). The last path is train.py's and sample.py's on the CPU (channels_last, transposed up-convs). In every
-A/B the "before" is the first path (contiguous).
+a 3x3 conv) computed as one stride-2 transposed conv (TransposedUpConv), and the UNet's ResBlocks adding in place
+with SiLU in place when no graph is recorded (InPlaceResBlock), both defined here. The path "channels_last" is
+train.py's and sample.py's on the CPU (the core's code in runtime.CPU_CHANNELS_LAST's layout). In every A/B the
+"before" is the first path (contiguous).
 
 Sections. stage2: train.train_step of stage 2 end to end (the batch, x_hat_0 from the frozen VAE's encoder and
 decoder, L_DDPM, backward, clipping, AdamW, EMA) by every path, both networks in the path's layout and code.
@@ -49,6 +49,7 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
@@ -226,12 +227,62 @@ class InPlaceResBlock(unet.ResBlock):
         return self.attn(h.add_(self.skip(x)))
 
 
+def four_taps(w, dim):
+    """The taps (w_2, w_1 + w_2, w_0 + w_1, w_0) along `dim` of a kernel with taps (w_0, w_1, w_2) along it."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+
+class TransposedUpConv(nn.Conv2d):
+    """A 3x3 conv (stride 1, padding 1) of the nearest-neighbour x2 upsampled input, (B, C_in, H, W) ->
+    (B, C_out, 2H, 2W), computed as the same linear map in one stride-2 transposed conv. Along each axis, output 2i
+    sees the upsampled rows 2i - 1, 2i, 2i + 1, i.e. x[i - 1], x[i], x[i]: taps w_0 on x[i - 1], w_1 + w_2 on x[i];
+    output 2i + 1 sees x[i], x[i], x[i + 1]: w_0 + w_1 on x[i], w_2 on x[i + 1]. A transposed conv with stride 2,
+    padding 1 and kernel k sends x[i] to output 2i + j - 1 with tap k_j, so k = (w_2, w_1 + w_2, w_0 + w_1, w_0)
+    (four_taps). 16 multiply-adds per input pixel and channel pair where upsampling then a 3x3 conv does 36. The
+    parameters are the 3x3 conv's."""
+
+    def forward(self, x):
+        k = four_taps(four_taps(self.weight, 2), 3)                            # (C_out, C_in, 4, 4)
+        return F.conv_transpose2d(x, k.transpose(0, 1), self.bias, stride=2, padding=1)  # wants (C_in, C_out, 4, 4)
+
+
+class TransposedUpsample(unet.Upsample):
+    """unet.Upsample with its conv a TransposedUpConv, which upsamples itself."""
+
+    def forward(self, x, temb=None):
+        return self.conv(x)
+
+
+def _is_3x3_same(conv):
+    """Whether conv is the plain 3x3 conv TransposedUpConv computes: stride 1, zero padding 1, no dilation, no groups."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def transpose_upsampling(model):
+    """The model, in place, with every nearest x2 upsampling followed by a 3x3 conv computed as one TransposedUpConv:
+    unet.Upsample, and each nn.Upsample + Conv2d pair of an nn.Sequential (the VAE's decoder). The same map, the
+    same parameters and state_dict keys. A measured alternative to the core's code, never what train.py runs."""
+    for m in list(model.modules()):
+        if type(m) is unet.Upsample and _is_3x3_same(m.conv):
+            m.__class__, m.conv.__class__ = TransposedUpsample, TransposedUpConv
+        if isinstance(m, nn.Sequential):
+            for i in range(len(m) - 1):
+                up = m[i]
+                nearest_x2 = isinstance(up, nn.Upsample) and up.mode == "nearest" and up.scale_factor == 2
+                if nearest_x2 and _is_3x3_same(m[i + 1]):
+                    m[i], m[i + 1].__class__ = nn.Identity(), TransposedUpConv
+    return model
+
+
 def code_path(model, fast_up=False, in_place=False):
     """The model (in place) with its upsampling convs as TransposedUpConvs (fast_up: the UNet's Upsamples, and in
     the VAE's decoder each nn.Upsample + Conv2d pair) and its ResBlocks as InPlaceResBlocks (in_place); the same
     parameters and state_dict keys. Both False: the core's code, unchanged."""
     if fast_up:
-        runtime.transpose_upsampling(model)
+        transpose_upsampling(model)
     for m in list(model.modules()):
         if in_place and type(m) is unet.ResBlock:
             m.__class__ = InPlaceResBlock
@@ -239,11 +290,10 @@ def code_path(model, fast_up=False, in_place=False):
 
 
 # the paths of a training step: name -> (channels_last, upsampling as TransposedUpConv, InPlaceResBlocks); the first
-# is every A/B's "before", the last train.py's and sample.py's on the CPU (runtime.CPU_CHANNELS_LAST and
-# CPU_TRANSPOSED_UPSAMPLING; on CUDA they take "channels_last")
-STEP_PATHS = {"contiguous": (False, False, False), "channels_last": (True, False, False),
-              "channels_last, transposed, in place": (True, True, True),
-              "channels_last, transposed up-conv": (True, True, False)}
+# is every A/B's "before", CODE_PATH train.py's and sample.py's (runtime.CPU_CHANNELS_LAST; CUDA takes it too)
+STEP_PATHS = {"contiguous": (False, False, False), "channels_last, transposed up-conv": (True, True, False),
+              "channels_last, transposed, in place": (True, True, True), "channels_last": (True, False, False)}
+CODE_PATH = "channels_last"
 VAE_PATHS = {p: flags for p, flags in STEP_PATHS.items() if not flags[2]}  # the VAE has no ResBlocks
 BF16 = ", bf16 autocast"  # the name's suffix of a path run under train.py --bf16 on
 
@@ -282,10 +332,9 @@ def t_max_of(cfg):
 
 
 def runtime_of(device, channels_last, bf16=False):
-    """runtime.choose's decisions for the device, in the given memory format, the upsampling as the caller's path
-    has it (code_path); bf16: autocast on the CPU too (train.py --bf16 on)."""
-    return dataclasses.replace(runtime.choose(device, bf16=bf16 or None), channels_last=channels_last,
-                               transposed_upsampling=False)
+    """runtime.choose's decisions for the device, in the given memory format; bf16: autocast on the CPU too
+    (train.py --bf16 on)."""
+    return dataclasses.replace(runtime.choose(device, bf16=bf16 or None), channels_last=channels_last)
 
 
 def autocast(device, bf16=False):
@@ -297,10 +346,11 @@ def make_run(stage, preset, batch, device, channels_last, fast_up=False, in_plac
     """A train.Run of stage 'vae' or 'ddpm' (DiffuseVAE, form 2) as train.start sets it up, on random weights and
     random_shard's images, by one path: the networks in the path's memory format and code (code_path), the
     stage-2 VAE frozen. torch is seeded with `seed` first, so every path gets the same weights and images."""
-    cfg = dict(PRESETS[preset], batch_size=batch, peak_lr=PRESETS[preset]["vae_lr" if stage == "vae" else "lr"])
+    cfg = dict(PRESETS[preset], batch_size=batch, peak_lr=PRESETS[preset]["vae_lr" if stage == "vae" else "lr"],
+               seed=seed, form=2, cond="vae")
     rt = runtime_of(device, channels_last, bf16)
     torch.manual_seed(seed)
-    run = train.Run(argparse.Namespace(stage=stage, seed=seed, form=2, cond="vae"), cfg, rt)
+    run = train.Run(argparse.Namespace(stage=stage), cfg, rt)
     model = code_path(build("vae", preset, device), fast_up)
     if stage == "ddpm":
         run.vae = runtime.prepare_model(model.eval().requires_grad_(False), rt)[0]
@@ -675,10 +725,10 @@ def main(argv=None):
              f"{tag}", TRAIN_HEADER, rows)
         show(f"UNet A/B ({ab_note})", AB_IMG_HEADER, abs_)
         cfg = PRESETS["cpu"]
-        step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last, rt.transposed_upsampling)[0]
+        step = train_step("unet", "cpu", cfg["batch_size"], device, rt.channels_last)[0]
         convs, summary = conv_profile(step, device, conv_peak, steps=n(3, 2))
         path = next(p for p, (cl, fast, in_place) in STEP_PATHS.items()
-                    if cl == rt.channels_last and fast == rt.transposed_upsampling and not in_place)
+                    if cl == rt.channels_last and not fast and not in_place)
         mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
         print(f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
               f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "

@@ -58,13 +58,14 @@ def classifier_of(path, flag, device):
     return evaluate.load_classifier(path, device)[0]
 
 
-def control(m, judge, K, R, generator, prior="expost", **options):
+def control(m, judge, K, R, generators, prior="expost", **options):
     """Does z decide the refined sample? K latents, R refinements of each (fresh DDPM noise): the fraction of
     refinements the judge puts in x_hat_0's class, and the RMS pixel distance between two refinements of one z
     against two refinements of different z's. Returns (grid rows: x_hat_0 then its R refinements, one row per z for
     the first 8; arrays {"vae": (K, C, H, W), "x0": (K, R, C, H, W)})."""
     device = next(m.net.parameters()).device
-    z = sample_prior(K, m.vae.z_dim, m.vae.prior if prior == "expost" else None, generator=generator, device=device)
+    z_generator, generator = generators
+    z = sample_prior(K, m.vae.z_dim, sample.prior_of(m.vae, prior), generator=z_generator, device=device)
     x_hat0 = m.vae.decode(z)
     x0 = torch.stack([sample.refine(m, x_hat0, generator, **options) for _ in range(R)], 1)   # (K, R, C, H, W)
     same = (evaluate.predict(judge, x_hat0)[:, None] == evaluate.predict(judge, x0.flatten(0, 1)).view(K, R))
@@ -79,18 +80,6 @@ def control(m, judge, K, R, generator, prior="expost", **options):
           f"across z's {across.mean():.3f}")
     rows = [torch.cat([x_hat0[k:k + 1], x0[k]]) for k in range(min(K, 8))]
     return rows, {"vae": x_hat0, "x0": x0}
-
-
-def paths_in_z(m, args, generator, device):
-    """The paths of sample.py's --mode interp / arith, drawn in the same order from the same generator: straight
-    paths z0 -> z1 of --n points, or z + s (mean z of class ATTR - mean z of class BASE), s = 0 .. 1.5."""
-    draw_z = lambda k: sample_prior(k, m.vae.z_dim, m.vae.prior if args.prior == "expost" else None,
-                                    generator=generator, device=device)
-    w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
-    if args.mode == "interp":
-        return [(1 - w) * z0 + w * z1 for z0, z1 in ((draw_z(1), draw_z(1)) for _ in range(args.paths))]
-    attr, base = (sample.class_mean_z(m.vae, m.cfg, args.data_dir, c, device) for c in args.arith)
-    return [draw_z(1) + 1.5 * w * (attr - base) for _ in range(args.paths)]
 
 
 def path_agreement(c_vae, c_ref, attr=None):
@@ -158,12 +147,12 @@ def run(args, m, device):
     if m.vae is None:
         raise ValueError(f"{args.ckpt} is the unconditional baseline: it has no z to measure the control of")
     judge = classifier_of(args.judge, "--judge", device)
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g_z, g = sample.generators(args.seed, device)  # z's stream and the sampler's, as sample.py draws them
     options = dict(t_start=args.t_start, steps=args.steps, sampler="ddim", eta=args.eta)
     if args.mode == "repeats":
-        rows, arrays = control(m, judge, args.n, args.repeats, g, args.prior, **options)
+        rows, arrays = control(m, judge, args.n, args.repeats, (g_z, g), args.prior, **options)
         return rows, args.repeats + 1, arrays
-    x_hat0, x0 = sample.along_paths(m, paths_in_z(m, args, g, device), g, **options)
+    x_hat0, x0 = sample.along_paths(m, sample.paths_in_z(m, args, g_z, device), g, **options)
     report_path_classes(judge, x_hat0, x0, attr=args.arith[0] if args.mode == "arith" else None)
     return [r for p in range(args.paths) for r in (x_hat0[p], x0[p])], args.n, {"vae": x_hat0, "x0": x0}
 

@@ -1,6 +1,6 @@
 """Degraded conditioning signals, for testing the refiner's robustness.
 
-DiffuseVAE's refiner is trained to sharpen x-hat_0 = dec(z), a VAE output ([DiffuseVAE]). Here it is handed
+DiffuseVAE's refiner is trained to sharpen x-hat_0 = dec(z), a VAE output (Pandey et al. 2022, arXiv:2201.00308). Here it is handed
 other degradations of a real image instead (noise, blur, down-then-up sampling) and `psnr` scores the result.
 
     python -m tools.degrade --n 500 --steps 10      # FID and PSNR of each degraded input and of its refinement

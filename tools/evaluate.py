@@ -11,7 +11,7 @@ feature variance, not 0 (tests/test_evaluate.py derives the exact second-order t
 CLI also prints a floor: held-out images of the validation split vs the test set, with the same N as the samples.
 
     python -m tools.evaluate --train_classifier                 # (re)train and cache both classifiers
-    python -m tools.evaluate --samples out/samples.npz --n 10000
+    python -m tools.evaluate --samples out/samples.npz --n 5000
     python -m tools.evaluate --bpd runs/fashion/ddpm.pt --n 100  # the bound in bits/dim (diffusevae.bound_bpd)
     python -m tools.evaluate --recon runs/fashion/vae.pt         # accuracy on test images and their reconstructions
 
@@ -377,14 +377,20 @@ def evaluate(model, samples, data_dir=None, judge=None):
     If `samples` holds both "vae" (x_hat_0) and "x0" (its refinement), also print their class agreement by `judge`
     (default: model).
 
-    Returns what it printed: {"samples": {name: {"n", "fid", "kid", "kid_std"}}, "floor": {the same},
+    Returns what it printed: {"samples": {name: {"n", "fid", "kid", "kid_std"}}, "floor": {the same} or None when
+    the validation split has fewer images than the samples,
     "agreement": {"p", "se", "n"} or None}."""
     ref = extract_features(model, _load_real("test", data_dir)[0])
     print(f"features: the classifier's {ref.shape[1]}-d penultimate layer; reference: the {len(ref)} test images.\n"
           "NOT comparable to published (Inception) FIDs. KID: mean ± std over 100 subsets of 1000.")
     scores = {name: _report(f"samples '{name}'", extract_features(model, x), ref) for name, x in samples.items()}
-    n = len(next(iter(samples.values())))
-    floor = _report(f"floor: held-out val[:{n}]", extract_features(model, _load_real("val", data_dir)[0][:n]), ref)
+    n, held_out = len(next(iter(samples.values()))), _load_real("val", data_dir)[0]
+    floor = None
+    if n <= len(held_out):
+        floor = _report(f"floor: held-out val[:{n}]", extract_features(model, held_out[:n]), ref)
+    else:  # FID's bias depends on N: a floor of fewer images than the samples would not be their floor
+        print(f"floor: not scored, the validation split holds {len(held_out)} images, fewer than the {n} samples "
+              f"(score at most --n {len(held_out)} for a floor at the same N)")
     agreement = None
     if "vae" in samples and "x0" in samples:
         p, se = class_agreement(model if judge is None else judge, samples["vae"], samples["x0"])

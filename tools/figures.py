@@ -47,7 +47,7 @@ def show(ax, x, title=None):
 
 
 def schedules():
-    """DDPM eq. 4's alpha-bar_t and the signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) ([Luo], learned SNR)."""
+    """DDPM eq. 4's alpha-bar_t and the signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) (Luo 2022, arXiv:2208.11970, "Learning Diffusion Noise Parameters")."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     taus = ddpm.ddim_timesteps(1000, 10)  # where a 10-step DDIM sampler evaluates the denoiser
     for name in ("linear", "cosine"):
@@ -178,7 +178,7 @@ def samples(ckpt, n=16, scale=4):
     garment's detail is visible."""
     m = sample.load(ckpt, torch.device("cpu"))
     with torch.inference_mode():
-        x_hat0, x0 = sample.samples(m, n, torch.Generator().manual_seed(0), steps=10, sampler="ddim", eta=0.5)
+        x_hat0, x0 = sample.samples(m, n, sample.generators(0), steps=10, sampler="ddim", eta=0.5)
     grid = torch.cat(sample.pairs(x_hat0, x0)).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     os.makedirs(OUT, exist_ok=True)
     save_grid(grid, os.path.join(OUT, "samples.png"), nrow=8, pad=2 * scale)

@@ -106,15 +106,15 @@ def start_arg(t_start):
 
 @torch.no_grad()
 def draw(m, n, batch_size, steps, sampler, prior="expost", spacing="uniform", t_start="default", seed=0, extra=None):
-    """n samples of the Refiner m, (x_0, x_hat_0 or None): each batch from a generator seeded by (seed, batch), so
+    """n samples of the Refiner m, (x_0, x_hat_0 or None): each batch from sample.generators of (seed, batch), so
     every model sees the same z and the same starting noise. `extra` ({KEY: value}, parse_extra) adds options or
     overrides DEFAULTS; the options given nowhere are those of diffusevae.refine and ddpm.sample."""
     options = dict(DEFAULTS, **(extra or {}), steps=steps, sampler=sampler, spacing=spacing, t_start=start_arg(t_start))
     outs, vae_outs = [], []
     for i, start in enumerate(range(0, n, batch_size)):
         b = min(batch_size, n - start)
-        g = torch.Generator().manual_seed(1000 + 7919 * seed + i)
-        x_hat0, x0 = sample.samples(m, b, g, prior=prior, batch_size=b, **options)
+        x_hat0, x0 = sample.samples(m, b, sample.generators(1000 + 7919 * seed + i), prior=prior, batch_size=b,
+                                    **options)
         outs.append(x0)
         vae_outs.append(x_hat0)
     return torch.cat(outs), (torch.cat(vae_outs) if m.vae is not None else None)
@@ -143,8 +143,8 @@ def file_hash(path):
 
 def key_of(row):
     """What a row measured: finished cells with the same key are not recomputed."""
-    return tuple(str(row.get(k, "")) for k in ("model", "ckpt", "sampler", "steps", "n", "spacing", "t_start", "extra",
-                                                 "seed", "prior", "split", "classifiers"))
+    return tuple(str(row.get(k, "")) for k in ("model", "ckpt", "sampler", "steps", "n", "batch_size", "spacing",
+                                                 "t_start", "extra", "seed", "prior", "split", "classifiers"))
 
 
 def read_results(path):
@@ -189,7 +189,7 @@ def main(argv=None):
     judge = E.load_or_train_classifier(args.judge, args.data_dir, role=E.JUDGE)[0]
     real = E._load_real(args.split, args.data_dir)[0]
     spaces = {"": (classifier, E.extract_features(classifier, real)), "_judge": (judge, E.extract_features(judge, real))}
-    common = dict(n=args.n, prior=args.prior, split=args.split,
+    common = dict(n=args.n, batch_size=args.batch_size, prior=args.prior, split=args.split,
                   classifiers=f"{file_hash(args.classifier)}/{file_hash(args.judge)}")
 
     def fixed(name, seed, ckpt=""):
