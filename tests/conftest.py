@@ -1,4 +1,5 @@
 """Fixtures shared by the math tests."""
+
 import pytest
 
 import ddpm

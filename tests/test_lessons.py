@@ -1,10 +1,11 @@
 """LESSONS.md quotes the code beside the math, and the quotes stay true.
 
-The convention: a ```python block in LESSONS.md is a verbatim quote of the project's code, and the line right before
-it names the file in backticks and ends with a colon, e.g. "From `ddpm.py`:". A quote matches when some window of
-contiguous lines of that file, with its common indentation removed, equals the quote with its own removed. When the
-code changes under a quote, the test names the lesson's line, the file, and the file's closest lines.
-"""
+The convention: a ```python block in LESSONS.md is a verbatim quote of the project's code, and the
+line right before it names the file in backticks and ends with a colon, e.g. "From `ddpm.py`:". A
+quote matches when some window of contiguous lines of that file, with its common indentation
+removed, equals the quote with its own removed. When the code changes under a quote, the test names
+the lesson's line, the file, and the file's closest lines."""
+
 import difflib
 import os
 import re
@@ -18,7 +19,8 @@ MIN_QUOTES = 14  # issue 32: at least 14 equations shown beside the lines that c
 
 
 def python_blocks(text):
-    """(line number of the opening fence, the line right before it, the block's lines) of every ```python block."""
+    """(line number of the opening fence, the line right before it, the block's lines) of every
+    ```python block."""
     lines, blocks, i = text.split("\n"), [], 0
     while i < len(lines):
         if re.fullmatch(r"\s*```\s*python\s*", lines[i]):
@@ -28,14 +30,17 @@ def python_blocks(text):
                 body.append(lines[i])
                 i += 1
             if i == len(lines):
-                raise AssertionError(f"LESSONS.md line {start + 1}: the ```python block is never closed")
+                raise AssertionError(
+                    f"LESSONS.md line {start + 1}: the ```python block is never closed"
+                )
             blocks.append((start + 1, lines[start - 1] if start else "", body))
         i += 1
     return blocks
 
 
 def quoted_file(label):
-    """The file a quote names: the first `name.py` in backticks on a line that ends with a colon, else None."""
+    """The file a quote names: the first `name.py` in backticks on a line that ends with a colon,
+    else None."""
     m = re.search(r"`([\w./-]+\.py)`", label)
     return m.group(1) if m and label.rstrip().endswith(":") else None
 
@@ -45,10 +50,11 @@ def dedented(lines):
 
 
 def find_quote(quote, source_lines):
-    """True if the dedented quote equals some dedented window of contiguous source lines; else the closest window."""
+    """True if the dedented quote equals some dedented window of contiguous source lines; else the
+    closest window."""
     n, best, best_ratio = len(quote.split("\n")), None, -1.0
     for i in range(len(source_lines) - n + 1):
-        window = dedented(source_lines[i:i + n])
+        window = dedented(source_lines[i : i + n])
         if window == quote:
             return True, None
         ratio = difflib.SequenceMatcher(None, window, quote).quick_ratio()
@@ -63,21 +69,30 @@ def read_lessons():
 
 
 BLOCKS = python_blocks(read_lessons())
-QUOTES = [(lineno, quoted_file(label), body) for lineno, label, body in BLOCKS if quoted_file(label)]
+QUOTES = [
+    (lineno, quoted_file(label), body) for lineno, label, body in BLOCKS if quoted_file(label)
+]
 
 
 def test_every_python_block_names_the_file_it_quotes():
-    """A ```python block is a quote: the line before it says which file, e.g. "From `ddpm.py`:". Math, shell
-    commands and pseudo-code go in ```text / ```bash blocks instead."""
-    unnamed = [f"line {lineno}: the line before it is {label!r}" for lineno, label, _ in BLOCKS
-               if not quoted_file(label)]
-    assert not unnamed, ("LESSONS.md has ```python blocks without a line naming their file and ending with a colon "
-                         "right before them (\"From `ddpm.py`:\"):\n" + "\n".join(unnamed))
+    """A ```python block is a quote: the line before it says which file, e.g. "From `ddpm.py`:".
+    Math, shell commands and pseudo-code go in ```text / ```bash blocks instead."""
+    unnamed = [
+        f"line {lineno}: the line before it is {label!r}"
+        for lineno, label, _ in BLOCKS
+        if not quoted_file(label)
+    ]
+    assert not unnamed, (
+        "LESSONS.md has ```python blocks without a line naming their file and ending with a colon "
+        'right before them ("From `ddpm.py`:"):\n' + "\n".join(unnamed)
+    )
 
 
 def test_lessons_quote_the_code_at_least_14_times():
-    assert len(QUOTES) >= MIN_QUOTES, (f"LESSONS.md quotes the code {len(QUOTES)} times; each lesson that states "
-                                       f"an equation quotes the lines that compute it (at least {MIN_QUOTES})")
+    assert len(QUOTES) >= MIN_QUOTES, (
+        f"LESSONS.md quotes the code {len(QUOTES)} times; each lesson that states "
+        f"an equation quotes the lines that compute it (at least {MIN_QUOTES})"
+    )
 
 
 @pytest.mark.parametrize("lineno, path, body", QUOTES, ids=[f"line{n}-{p}" for n, p, _ in QUOTES])
@@ -93,18 +108,23 @@ def test_quoted_code_is_in_the_file_verbatim(lineno, path, body):
     found, closest = find_quote(quote, source)
     if not found:
         start, window = closest
-        pytest.fail(f"{where} no longer appears in {path} verbatim (as contiguous lines, common indentation "
-                    f"removed). The quote:\n{quote}\n\n{path}'s closest lines (from line {start}):\n{window}\n\n"
-                    f"Update the quote in LESSONS.md, and the sentence after it if the code's meaning changed.",
-                    pytrace=False)
+        pytest.fail(
+            f"{where} no longer appears in {path} verbatim (as contiguous lines, common indentation "
+            f"removed). The quote:\n{quote}\n\n{path}'s closest lines (from line {start}):\n{window}\n\n"
+            f"Update the quote in LESSONS.md, and the sentence after it if the code's meaning changed.",
+            pytrace=False,
+        )
 
 
 def test_the_matcher_finds_an_indented_window_and_rejects_an_edited_one():
-    """Guards the check itself: a quote at another indentation matches; a one-character edit does not."""
+    """Guards the check itself: a quote at another indentation matches; a one-character edit does
+    not."""
     source = ["class A:", "    def f(self, x):", "        y = x + 1", "        return y * 2", ""]
     assert find_quote(dedented(["y = x + 1", "return y * 2"]), source)[0]
     assert find_quote(dedented(["    y = x + 1", "    return y * 2"]), source)[0]
     assert not find_quote(dedented(["y = x + 1", "return y * 3"]), source)[0]
-    assert not find_quote(dedented(["return y * 2", "y = x + 1"]), source)[0]  # contiguous and in order
+    assert not find_quote(dedented(["return y * 2", "y = x + 1"]), source)[
+        0
+    ]  # contiguous and in order
     assert quoted_file("From `ddpm.py`, `GaussianDiffusion.__init__`:") == "ddpm.py"
     assert quoted_file("From `ddpm.py`") is None  # the line must end with a colon

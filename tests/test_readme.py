@@ -1,13 +1,16 @@
 """The README and LESSONS.md, kept honest without running anything: every `python X.py ...` (or
-`torchrun ... X.py ...`, or `python -m tools.X ...`) either shows, in a ``` shell block or an inline `code span`,
-must get through the script's own parse_args(argv); every tests/ path and tests/x.py::name it names must exist;
-every repo file it names (*.py, *.md, assets/*.png, markdown links) must exist (paths that leave the repository,
-../shared/..., are not the repository's to check).
+`torchrun ... X.py ...`, or `python -m tools.X ...`) either shows, in a ``` shell block or an inline
+`code span`, must get through the script's own parse_args(argv); every tests/ path and
+tests/x.py::name it names must exist; every repo file it names (*.py, *.md, assets/*.png, markdown
+links) must exist (paths that leave the repository, ../shared/..., are not the repository's to
+check).
 
-Both documents are read when the tests are collected, so the checks follow them as they change. Shell is handled
-only as far as a command line needs: `\\` continuations, `# comments`, quotes, `&&`, `||`, `|`, `;`, redirections,
-leading `VAR=value`, `time`, `do`/`then`. A command that uses a shell variable ($flags) cannot be checked without
-running the shell: it fails, naming its line, so the documents write their commands out."""
+Both documents are read when the tests are collected, so the checks follow them as they change.
+Shell is handled only as far as a command line needs: `\\` continuations, `# comments`, quotes,
+`&&`, `||`, `|`, `;`, redirections, leading `VAR=value`, `time`, `do`/`then`. A command that uses a
+shell variable ($flags) cannot be checked without running the shell: it fails, naming its line, so
+the documents write their commands out."""
+
 import ast
 import contextlib
 import importlib
@@ -20,7 +23,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", "LESSONS.md")  # every check runs on each
-SHELLS = {"", "bash", "sh", "shell", "console", "zsh"}  # fence languages whose lines are shell commands
+SHELLS = {
+    "",
+    "bash",
+    "sh",
+    "shell",
+    "console",
+    "zsh",
+}  # fence languages whose lines are shell commands
 SEPARATORS = {"&&", "||", "|", ";", "&", "|&", ";;"}
 PREFIXES = {"time", "do", "then", "else", "exec", "nohup", "!", "$"}
 
@@ -31,8 +41,9 @@ def read_readme(doc="README.md"):
 
 
 def code_blocks(text):
-    """(line number, line) of each line inside a ``` (or ~~~) block in a shell language, continuations joined;
-    and the text with those blocks blanked out (line numbers kept), for the inline spans."""
+    """(line number, line) of each line inside a ``` (or ~~~) block in a shell language,
+    continuations joined; and the text with those blocks blanked out (line numbers kept), for the
+    inline spans."""
     lines, found, blanked = text.split("\n"), [], []
     fence, start, pending = None, 0, ""
     for i, line in enumerate(lines, start=1):
@@ -43,7 +54,12 @@ def code_blocks(text):
                 fence, shell = m.group(1), m.group(2).lower() in SHELLS
             continue
         blanked.append("")
-        if m and m.group(1)[0] == fence[0] and len(m.group(1)) >= len(fence) and not line.strip(fence[0] + " "):
+        if (
+            m
+            and m.group(1)[0] == fence[0]
+            and len(m.group(1)) >= len(fence)
+            and not line.strip(fence[0] + " ")
+        ):
             fence = None
             continue
         if not shell:
@@ -58,15 +74,19 @@ def code_blocks(text):
 
 
 def inline_spans(text):
-    """(line number, content) of each inline `code span` (single backticks; it may wrap over lines)."""
+    """(line number, content) of each inline `code span` (single backticks; it may wrap over
+    lines)."""
     for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text):
         yield text.count("\n", 0, m.start()) + 1, " ".join(m.group(1).split())
 
 
 def segments(line):
-    """The simple commands of a shell line: token lists split at && || | ; &, comments and redirections dropped."""
+    """The simple commands of a shell line: token lists split at && || | ; &, comments and
+    redirections dropped."""
     lex = shlex.shlex(line, posix=True, punctuation_chars=True)
-    lex.whitespace_split = True  # words split at blanks and shell operators only: --models a=b/c.pt stays one
+    lex.whitespace_split = (
+        True  # words split at blanks and shell operators only: --models a=b/c.pt stays one
+    )
     out, cur, tokens = [], [], list(lex)
     skip = False
     for tok in tokens:
@@ -83,9 +103,9 @@ def segments(line):
 
 
 def invocation(seg):
-    """(script name, argv) if the command runs `python X.py ...` / `torchrun ... X.py ...`, (module, argv) for
-    `python -m tools.X ...`, ("pytest", argv) for `python -m pytest ...`, else None. Leading VAR=value, time, do,
-    then are skipped."""
+    """(script name, argv) if the command runs `python X.py ...` / `torchrun ... X.py ...`, (module,
+    argv) for `python -m tools.X ...`, ("pytest", argv) for `python -m pytest ...`, else None.
+    Leading VAR=value, time, do, then are skipped."""
     while seg and (seg[0] in PREFIXES or re.match(r"[A-Za-z_]\w*=", seg[0])):
         seg = seg[1:]
     if not seg:
@@ -94,9 +114,13 @@ def invocation(seg):
     if re.fullmatch(r"python[\d.]*", prog):
         if rest[:1] == ["-m"] and len(rest) > 1:
             return ("pytest", rest[2:]) if rest[1] == "pytest" else (rest[1], rest[2:])
-        rest = rest[next((i for i, t in enumerate(rest) if not t.startswith("-")), len(rest)):]  # python -u, -O
+        rest = rest[
+            next((i for i, t in enumerate(rest) if not t.startswith("-")), len(rest)) :
+        ]  # python -u, -O
     elif prog == "torchrun":
-        rest = rest[next((i for i, t in enumerate(rest) if t.endswith(".py")), len(rest)):]  # torchrun's own flags
+        rest = rest[
+            next((i for i, t in enumerate(rest) if t.endswith(".py")), len(rest)) :
+        ]  # torchrun's own flags
     else:
         return None
     if not rest or not rest[0].endswith(".py"):
@@ -105,7 +129,8 @@ def invocation(seg):
 
 
 def readme_commands(text):
-    """(line number, the document's text, script, argv or an error string) of every python / torchrun command."""
+    """(line number, the document's text, script, argv or an error string) of every python /
+    torchrun command."""
     blocks, rest = code_blocks(text)
     for lineno, line in blocks + sorted(inline_spans(rest)):
         try:
@@ -120,13 +145,16 @@ def readme_commands(text):
 
 
 def docstring_commands(path):
-    """(line number, command) of each command line in a module's docstring, the way the scripts show their usage:
-    an indented line that starts with python, torchrun or VAR=value, with its backslash continuations."""
+    """(line number, command) of each command line in a module's docstring, the way the scripts show
+    their usage: an indented line that starts with python, torchrun or VAR=value, with its backslash
+    continuations."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     doc = ast.get_docstring(tree, clean=False) or ""
     found, pending, start = [], "", 0
-    for i, line in enumerate(doc.split("\n"), start=1 + (tree.body[0].lineno - 1 if tree.body else 0)):
+    for i, line in enumerate(
+        doc.split("\n"), start=1 + (tree.body[0].lineno - 1 if tree.body else 0)
+    ):
         text = line.strip()
         if not pending and not re.match(r"(python[\d.]*|torchrun|[A-Z_]+=\S*)\s", text):
             continue
@@ -140,20 +168,32 @@ def docstring_commands(path):
 
 
 SCRIPTS = sorted(f for f in os.listdir(ROOT) if f.endswith(".py")) + sorted(
-    f"tools/{f}" for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py"))
+    f"tools/{f}" for f in os.listdir(os.path.join(ROOT, "tools")) if f.endswith(".py")
+)
 COMMANDS = [(doc, *command) for doc in DOCS for command in readme_commands(read_readme(doc))] + [
-    (script, lineno, line, *found) for script in SCRIPTS for lineno, line in docstring_commands(os.path.join(ROOT, script))
-    for seg in segments(line) for found in [invocation(seg)] if found and found[0] != "pytest"]
+    (script, lineno, line, *found)
+    for script in SCRIPTS
+    for lineno, line in docstring_commands(os.path.join(ROOT, script))
+    for seg in segments(line)
+    for found in [invocation(seg)]
+    if found and found[0] != "pytest"
+]
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_the_readme_shows_commands(doc):
-    """Guards the extraction: a document without a single python command found means the parsing above broke."""
-    assert any(script for d, _, _, script, _ in COMMANDS if d == doc), f"no `python X.py` command found in {doc}"
+    """Guards the extraction: a document without a single python command found means the parsing
+    above broke."""
+    assert any(script for d, _, _, script, _ in COMMANDS if d == doc), (
+        f"no `python X.py` command found in {doc}"
+    )
 
 
-@pytest.mark.parametrize("doc, lineno, line, script, argv", COMMANDS,
-                         ids=[f"{d[:-3]}-line{n}-{s or 'shell'}" for d, n, _, s, _ in COMMANDS])
+@pytest.mark.parametrize(
+    "doc, lineno, line, script, argv",
+    COMMANDS,
+    ids=[f"{d[:-3]}-line{n}-{s or 'shell'}" for d, n, _, s, _ in COMMANDS],
+)
 def test_readme_command_parses(doc, lineno, line, script, argv):
     where = f"{doc} line {lineno}: `{line}`"
     if isinstance(argv, str):
@@ -161,17 +201,29 @@ def test_readme_command_parses(doc, lineno, line, script, argv):
     if script.endswith(".py"):
         path, module_name = os.path.join(ROOT, script), os.path.basename(script)[:-3]
         if os.path.dirname(script) not in ("", ".") or not os.path.isfile(path):
-            pytest.fail(f"{where}: runs {script}, which is not a file at the top of the repository", pytrace=False)
+            pytest.fail(
+                f"{where}: runs {script}, which is not a file at the top of the repository",
+                pytrace=False,
+            )
     else:  # python -m package.module
         path, module_name = os.path.join(ROOT, *script.split(".")) + ".py", script
         if not os.path.isfile(path):
-            pytest.fail(f"{where}: runs the module {script}, which is not a file of the repository", pytrace=False)
+            pytest.fail(
+                f"{where}: runs the module {script}, which is not a file of the repository",
+                pytrace=False,
+            )
     if any("$" in a for a in argv):
-        pytest.fail(f"{where}: uses shell variables ({', '.join(a for a in argv if '$' in a)}), which this test "
-                    "cannot check: write the commands out", pytrace=False)
+        pytest.fail(
+            f"{where}: uses shell variables ({', '.join(a for a in argv if '$' in a)}), which this test "
+            "cannot check: write the commands out",
+            pytrace=False,
+        )
     module = importlib.import_module(module_name)
     if not hasattr(module, "parse_args"):
-        pytest.fail(f"{where}: {script} has no parse_args(argv) to check it with: give it one", pytrace=False)
+        pytest.fail(
+            f"{where}: {script} has no parse_args(argv) to check it with: give it one",
+            pytrace=False,
+        )
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -179,28 +231,52 @@ def test_readme_command_parses(doc, lineno, line, script, argv):
     except SystemExit as e:
         if e.code not in (0, None):  # 0: --help
             said = err.getvalue().strip().splitlines()
-            pytest.fail(f"{where}: {script}'s parser rejects it: {said[-1] if said else e}", pytrace=False)
+            pytest.fail(
+                f"{where}: {script}'s parser rejects it: {said[-1] if said else e}", pytrace=False
+            )
 
 
 def flags_of(script):
     """Every --flag the script's parser takes, read from its --help."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(io.StringIO()),
+        pytest.raises(SystemExit),
+    ):
         importlib.import_module(script).parse_args(["--help"])
     return set(re.findall(r"(?<![\w-])(--\w+)", out.getvalue()))
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_flag_a_document_shows_alone_is_one_a_script_takes(doc):
-    """An inline span of flags alone (`--resume`, `--set KEY=VALUE`), which a reader adds to a command, names only
-    flags that train.py, sample.py or a tool takes."""
-    known = set().union(*(flags_of(m) for m in ("train", "sample", *(f"tools.{f[6:-3]}" for f in SCRIPTS
-                                                                        if f.startswith("tools/") and f != "tools/__init__.py"
-                                                                        and f != "tools/shape.py"))))
+    """An inline span of flags alone (`--resume`, `--set KEY=VALUE`), which a reader adds to a
+    command, names only flags that train.py, sample.py or a tool takes."""
+    known = set().union(
+        *(
+            flags_of(m)
+            for m in (
+                "train",
+                "sample",
+                *(
+                    f"tools.{f[6:-3]}"
+                    for f in SCRIPTS
+                    if f.startswith("tools/") and f != "tools/__init__.py" and f != "tools/shape.py"
+                ),
+            )
+        )
+    )
     _, rest = code_blocks(read_readme(doc))
-    unknown = [(n, flag) for n, span in inline_spans(rest) if span.startswith("--")
-               for flag in re.findall(r"(?<![\w-])--\w+", span) if flag not in known]
-    assert not unknown, f"{doc} shows flags no script takes: " + ", ".join(f"line {n}: {f}" for n, f in unknown)
+    unknown = [
+        (n, flag)
+        for n, span in inline_spans(rest)
+        if span.startswith("--")
+        for flag in re.findall(r"(?<![\w-])--\w+", span)
+        if flag not in known
+    ]
+    assert not unknown, f"{doc} shows flags no script takes: " + ", ".join(
+        f"line {n}: {f}" for n, f in unknown
+    )
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -224,9 +300,12 @@ def test_readme_test_paths_exist(doc):
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_readme_file_references_exist(doc):
-    """Every repo file the document names exists: *.py and *.md mentions, assets/*.png, and relative link targets."""
+    """Every repo file the document names exists: *.py and *.md mentions, assets/*.png, and relative
+    link targets."""
     text, missing = read_readme(doc), []
-    mentions = r"(?<![\w/.:~$-])((?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|md)|assets/[\w./-]+\.png)(?![\w/])"
+    mentions = (
+        r"(?<![\w/.:~$-])((?:[\w.-]+/)*[\w-][\w.-]*\.(?:py|md)|assets/[\w./-]+\.png)(?![\w/])"
+    )
     links = r"\]\(\s*<?([^)\s>#]+)"  # [text](target) and ![alt](target)
     for pattern in (mentions, links):
         for m in re.finditer(pattern, text):
@@ -236,4 +315,5 @@ def test_readme_file_references_exist(doc):
             if not os.path.exists(os.path.join(ROOT, ref)):
                 missing.append((text.count("\n", 0, m.start()) + 1, ref))
     assert not missing, f"{doc} names files that are not in the repository:\n" + "\n".join(
-        f"line {n}: {ref}" for n, ref in sorted(set(missing)))
+        f"line {n}: {ref}" for n, ref in sorted(set(missing))
+    )

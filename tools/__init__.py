@@ -1,1 +1,2 @@
-"""Measuring instruments, not the model: evaluation, sweeps, the benchmark, figures (python -m tools.NAME)."""
+"""Measuring instruments, not the model: evaluation, sweeps, the benchmark, figures (python -m
+tools.NAME)."""

@@ -1,20 +1,28 @@
-"""The pictures LESSONS.md refers to, written to figures/ (generated files), each in under a minute on a CPU.
+"""The pictures LESSONS.md refers to, written to figures/ (generated files), each in under a minute
+on a CPU.
 
     python -m tools.figures                      # all three
-    python -m tools.figures --only schedules     # alpha-bar_t and log SNR_t of the linear and cosine schedules
-    python -m tools.figures --only forward       # Formulation 1 vs 2 on one Fashion-MNIST test image, same noise
-    python -m tools.figures --only steps         # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
-    python -m tools.figures --only steps --ckpt runs/form1/ddpm.pt    # the same for another stage-2 checkpoint
-    python -m tools.figures --only steps --no_clip   # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
-    python -m tools.figures --only guidance --results runs/cfg_sweep/results.json   # FID and class kept against w
-    python -m tools.figures --only samples       # the README's picture: 16 VAE samples over their refinements, x4
+    # alpha-bar_t and log SNR_t of the linear and cosine schedules
+    python -m tools.figures --only schedules
+    # Formulation 1 vs 2 on one Fashion-MNIST test image, same noise
+    python -m tools.figures --only forward
+    # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
+    python -m tools.figures --only steps
+    # the same for another stage-2 checkpoint
+    python -m tools.figures --only steps --ckpt runs/form1/ddpm.pt
+    # ... without clamping x_0-hat to [-1, 1] (LESSONS Exercise 5)
+    python -m tools.figures --only steps --no_clip
+    # FID and class kept against w
+    python -m tools.figures --only guidance --results runs/cfg_sweep/results.json
+    # the README's picture: 16 VAE samples over their refinements, x4
+    python -m tools.figures --only samples
 
-The training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png) are drawn by
-data.save_loss_curve.
+The training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png) are
+drawn by data.save_loss_curve.
 
-Timesteps are code indices t = 0..T-1 (the paper's 1..T), as everywhere in the code. Images are in [-1, 1]
-and shown through data.to_unit_range (clamped to [0, 1]).
-"""
+Timesteps are code indices t = 0..T-1 (the paper's 1..T), as everywhere in the code. Images are in
+[-1, 1] and shown through data.to_unit_range (clamped to [0, 1])."""
+
 import argparse
 import os
 import time
@@ -47,7 +55,8 @@ def show(ax, x, title=None):
 
 
 def schedules():
-    """DDPM eq. 4's alpha-bar_t and the signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) (Luo 2022, arXiv:2208.11970, "Learning Diffusion Noise Parameters")."""
+    """DDPM eq. 4's alpha-bar_t and the signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) (Luo
+    2022, arXiv:2208.11970, "Learning Diffusion Noise Parameters")."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     taus = ddpm.ddim_timesteps(1000, 10)  # where a 10-step DDIM sampler evaluates the denoiser
     for name in ("linear", "cosine"):
@@ -57,76 +66,103 @@ def schedules():
         a1.plot(t, ab, label=f"{name} (alpha-bar_T = {ab[-1]:.2e})")
         a2.plot(t, log_snr, label=name)
         a2.plot(taus, log_snr[taus], "o", ms=3, color=a2.lines[-1].get_color())
-    a1.set(xlabel="code index t (paper t + 1)", ylabel="alpha-bar_t", title="alpha-bar_t: the signal kept")
-    a2.set(xlabel="code index t (paper t + 1)", ylabel="log(alpha-bar_t / (1 - alpha-bar_t))",
-           title="log SNR_t (dots: the 10 DDIM steps)")
+    a1.set(
+        xlabel="code index t (paper t + 1)",
+        ylabel="alpha-bar_t",
+        title="alpha-bar_t: the signal kept",
+    )
+    a2.set(
+        xlabel="code index t (paper t + 1)",
+        ylabel="log(alpha-bar_t / (1 - alpha-bar_t))",
+        title="log SNR_t (dots: the 10 DDIM steps)",
+    )
     a1.legend(fontsize=8), a2.legend(fontsize=8), a2.axhline(0, color="gray", lw=0.5)
     save(fig, "schedules.png")
 
 
 def forward():
-    """Formulation 1 (q_sample) and 2 (form2_q_sample) with the same noise, and the y-chain identity between them."""
+    """Formulation 1 (q_sample) and 2 (form2_q_sample) with the same noise, and the y-chain identity
+    between them."""
     images, _ = load_dataset("fashion_mnist", split="test")
-    x0 = to_model_range(images[:1])                                        # (1, 1, 32, 32)
+    x0 = to_model_range(images[:1])  # (1, 1, 32, 32)
     path = "runs/fashion/vae.pt"
     if os.path.exists(path):
         vae = VAE.from_checkpoint(runtime.load_checkpoint(path, stage="vae"))
         with torch.no_grad():
-            x_hat0 = vae.eval().decode(vae.encode(x0)[0])                   # dec(mu(x_0))
+            x_hat0 = vae.eval().decode(vae.encode(x0)[0])  # dec(mu(x_0))
         source = f"x_hat_0 = dec(mu(x_0)), VAE of {path}"
     else:
         x_hat0 = F.avg_pool2d(x0, 3, stride=1, padding=1, count_include_pad=False)
         source = f"no {path}: x_hat_0 is a 3x3 box blur of x_0 (a stand-in)"
     diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(1000))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    ts = [0, 100, 250, 500, 750, 999]                                       # code indices (paper t + 1)
+    ts = [0, 100, 250, 500, 750, 999]  # code indices (paper t + 1)
     fig, axes = plt.subplots(3, len(ts) + 1, figsize=(1.5 * (len(ts) + 1), 5.2))
-    show(axes[0, 0], x0, "x_0"), show(axes[1, 0], x_hat0, "x_hat_0"), show(axes[2, 0], x0, "y_0 = x_0")
+    (
+        show(axes[0, 0], x0, "x_0"),
+        show(axes[1, 0], x_hat0, "x_hat_0"),
+        show(axes[2, 0], x0, "y_0 = x_0"),
+    )
     gap = 0.0
     for j, i in enumerate(ts, start=1):
         t = torch.tensor([i])
-        x1 = diffusion.q_sample(x0, t, noise)                               # form 1: sqrt(ab) x_0 + sqrt(1-ab) eps
-        x2 = diffusevae.form2_q_sample(diffusion, x0, t, x_hat0, noise)     # form 2: the same + x_hat_0
+        x1 = diffusion.q_sample(x0, t, noise)  # form 1: sqrt(ab) x_0 + sqrt(1-ab) eps
+        x2 = diffusevae.form2_q_sample(
+            diffusion, x0, t, x_hat0, noise
+        )  # form 2: the same + x_hat_0
         gap = max(gap, (x2 - x_hat0 - x1).abs().max().item())
-        show(axes[0, j], x1, f"t={i}"), show(axes[1, j], x2, f"t={i}"), show(axes[2, j], x2 - x_hat0, f"t={i}")
+        (
+            show(axes[0, j], x1, f"t={i}"),
+            show(axes[1, j], x2, f"t={i}"),
+            show(axes[2, j], x2 - x_hat0, f"t={i}"),
+        )
     for ax, label in zip(axes[:, 0], ["form 1: x_t", "form 2: x_t", "form 2: x_t - x_hat_0"]):
         ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{source}; code t (paper t + 1), one fixed noise\nrow 3 = row 1 (max |difference| {gap:.1e}): "
-                 f"form 2 is a DDPM chain on y_t = x_t - x_hat_0, and x_T ~ N(x_hat_0, I)", fontsize=8)
+    fig.suptitle(
+        f"{source}; code t (paper t + 1), one fixed noise\nrow 3 = row 1 (max |difference| {gap:.1e}): "
+        f"form 2 is a DDPM chain on y_t = x_t - x_hat_0, and x_T ~ N(x_hat_0, I)",
+        fontsize=8,
+    )
     save(fig, "forward_form1_vs_form2.png")
 
 
 def step_counts(cfg):
-    """The STEP_COUNTS a checkpoint's refiner can take from its default start (sample.start_of): a DDIM run from
-    t_start visits distinct timesteps in 0..t_start, so at most t_start + 1 of them (T for the full chain)."""
-    start = sample.start_of(cfg)
-    most = cfg["T"] if start is None else min(start + 1, cfg["T"])
+    """The STEP_COUNTS a checkpoint's refiner can take from its default start (its config's
+    t_start): a DDIM run from t_start visits distinct timesteps in 0..t_start, so at most t_start +
+    1 of them (T for the full chain)."""
+    most = min(cfg["t_start"] + 1, cfg["T"])
     return [n for n in STEP_COUNTS if n <= most]
 
 
 def steps(ckpt, clip=True):
-    """The same 8 z's from the VAE's prior (the ex-post mixture the checkpoint holds, as sample.py draws them):
-    x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps, those the refiner's start
-    allows, from the same starting noise in every row."""
+    """The same 8 z's from the VAE's prior (the ex-post mixture the checkpoint holds, as sample.py
+    draws them): x_hat_0 = dec(z), then DiffuseVAE's refinement with 1..100 DDIM (eta = 0) steps,
+    those the refiner's start allows, from the same starting noise in every row."""
     if not os.path.exists(ckpt):
         print(f"skipping samples_vs_steps.png: no {ckpt} (train one: python train.py --stage ddpm)")
         return
     device = runtime.pick_device(None)
-    m = sample.load(ckpt, device)
-    if m.vae is None:
-        print(f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline (no x_hat_0 to show)")
+    model = sample.load_model(ckpt, device)
+    if model.vae is None:
+        print(
+            f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline (no x_hat_0 to show)"
+        )
         return
-    counts = step_counts(m.cfg)
+    counts = step_counts(model.config)
     if len(counts) < len(STEP_COUNTS):
-        print(f"samples_vs_steps: {ckpt} starts its refiner at t = {sample.start_of(m.cfg)}, so at most "
-              f"{max(counts)} steps; leaving out {[n for n in STEP_COUNTS if n not in counts]}")
+        print(
+            f"samples_vs_steps: {ckpt} starts its refiner at t = {model.t_start}, so at most "
+            f"{max(counts)} steps; leaving out {[n for n in STEP_COUNTS if n not in counts]}"
+        )
     g = torch.Generator(device=device).manual_seed(0)
     with torch.inference_mode():
-        x_hat0 = m.vae.decode(sample_prior(8, m.vae.z_dim, m.vae.prior, generator=g, device=device))
+        x_hat0 = model.vae.decode(
+            sample_prior(8, model.vae.z_dim, model.vae.prior, generator=g, device=device)
+        )
         noise = ddpm.randn_like(x_hat0, g)  # the same starting noise for every row
         rows, labels, start = [], [], time.time()
         for n in counts:
-            x0 = sample.refine(m, x_hat0, g, noise=noise, steps=n, sampler="ddim", eta=0.0, clip_x0=clip)
+            x0 = refine_row(model, x_hat0, noise, g, n, clip)
             rows.append(x0), labels.append(f"{n} step{'s' * (n > 1)}")
             print(f"{n:4d} steps: mean |x_0 - x_hat_0| = {(x0 - x_hat0).abs().mean().item():.3f}")
     rows, labels = [x_hat0] + rows, ["VAE x_hat_0"] + labels
@@ -134,18 +170,32 @@ def steps(ckpt, clip=True):
     fig, axes = plt.subplots(len(rows), 8, figsize=(8, 1.05 * len(rows)))
     for r, (x, label) in enumerate(zip(rows, labels)):
         for c in range(8):
-            show(axes[r, c], x[c:c + 1])
+            show(axes[r, c], x[c : c + 1])
         axes[r, 0].set_ylabel(label, fontsize=8)
-    fig.suptitle(f"{ckpt} (form {m.cfg['form']}): the same z and starting noise in every row; DDIM eta = 0, "
-                 f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; "
-                 f"{sum(counts)} denoiser calls in {seconds:.1f} s", fontsize=8)
+    fig.suptitle(
+        f"{ckpt} (form {model.form}): the same z and starting noise in every row; DDIM eta = 0, "
+        f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; "
+        f"{sum(counts)} denoiser calls in {seconds:.1f} s",
+        fontsize=8,
+    )
     save(fig, "samples_vs_steps.png" if clip else "samples_vs_steps_noclip.png")
-    print(f"samples_vs_steps: {sum(counts)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}")
+    print(
+        f"samples_vs_steps: {sum(counts)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}"
+    )
+
+
+def refine_row(model, x_hat0, noise, generator, steps, clip=True):
+    """One row of the figure: x_hat_0 refined by DDIM (eta = 0) in `steps` calls from the start the
+    noise gives, each x_0-hat clipped to [-1, 1] unless clip is False (Exercise 5), the output
+    clamped to [-1, 1]."""
+    options = dict(noise=noise, generator=generator, steps=steps, sampler="ddim", eta=0.0)
+    options |= {} if clip else dict(clip_x0=False)
+    return model.refine(x_hat0, **options).clamp(-1, 1)
 
 
 def guidance_points(results):
-    """(w, FID, agreement) per guidance weight w of tools/sweep.py rows whose --extra set one ("--guidance W"),
-    sorted by w; seeds of one w are averaged."""
+    """(w, FID, agreement) per guidance weight w of tools/sweep.py rows whose --extra set one
+    ("--guidance W"), sorted by w; seeds of one w are averaged."""
     by_w = {}
     for r in results:
         flags = r.get("extra", "").split()
@@ -156,16 +206,24 @@ def guidance_points(results):
 
 
 def guidance(results_path):
-    """Classifier-free guidance on x_hat_0 (LESSONS Lesson 14): FID and the judge's class agreement against w."""
+    """Classifier-free guidance on x_hat_0 (LESSONS Lesson 14): FID and the judge's class agreement
+    against w."""
     import json
+
     points = guidance_points(json.load(open(results_path)))
     if not points:
-        raise SystemExit(f"error: {results_path} has no rows made with --extra='--guidance W' "
-                         f"(see python -m tools.sweep)")
+        raise SystemExit(
+            f"error: {results_path} has no rows made with --extra='--guidance W' "
+            f"(see python -m tools.sweep)"
+        )
     w, fid, agree = np.array(points).T
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(w, fid, "o-", color="C0")
-    ax.set(xlabel="guidance weight w", ylabel="FID (own classifier)", title="guidance on x_hat_0, 10 DDIM steps")
+    ax.set(
+        xlabel="guidance weight w",
+        ylabel="FID (own classifier)",
+        title="guidance on x_hat_0, 10 DDIM steps",
+    )
     ax2 = ax.twinx()
     ax2.plot(w, 100 * agree, "s--", color="C1")
     ax2.set_ylabel("class kept (%)", color="C1")
@@ -173,13 +231,25 @@ def guidance(results_path):
 
 
 def samples(ckpt, n=16, scale=4):
-    """The README's picture: the first n samples of `python sample.py --steps 10` (seed 0), rows of 8 VAE samples
-    x_hat_0 over their refinements, each pixel drawn as a scale x scale block (nearest neighbour) so that a
-    garment's detail is visible."""
-    m = sample.load(ckpt, torch.device("cpu"))
+    """The README's picture: the first n samples of `python sample.py --steps 10` (seed 0), rows of
+    8 VAE samples x_hat_0 over their refinements, each pixel drawn as a scale x scale block (nearest
+    neighbour) so that a garment's detail is visible."""
+    model, batch_size = (
+        sample.load_model(ckpt, torch.device("cpu")),
+        sample.parse_args([]).batch_size,
+    )
+    generators = diffusevae.generators(0)
     with torch.inference_mode():
-        x_hat0, x0 = sample.samples(m, n, sample.generators(0), steps=10, sampler="ddim", eta=0.5)
-    grid = torch.cat(sample.pairs(x_hat0, x0)).repeat_interleave(scale, -2).repeat_interleave(scale, -1)
+        batches = [
+            model.sample(min(batch_size, n - i), generators, steps=10, sampler="ddim", eta=0.5)
+            for i in range(0, n, batch_size)
+        ]
+    x_hat0, x0 = (torch.cat([b[k] for b in batches]) for k in (0, 1))
+    grid = (
+        torch.cat(sample.pairs(x_hat0, x0))
+        .repeat_interleave(scale, -2)
+        .repeat_interleave(scale, -1)
+    )
     os.makedirs(OUT, exist_ok=True)
     save_grid(grid, os.path.join(OUT, "samples.png"), nrow=8, pad=2 * scale)
     print(f"wrote {os.path.join(OUT, 'samples.png')}")
@@ -195,27 +265,51 @@ def save(fig, name):
 
 # ----------------------------------------------------------------------------- the CLI
 
+
 def parse_args(argv=None):
-    """The CLI's options (argv: a list of strings, default sys.argv[1:]); argparse exits on a bad command."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=["schedules", "forward", "steps", "guidance", "samples"],
-                   default=["schedules", "forward", "steps"])
-    p.add_argument("--ckpt", default="runs/fashion/ddpm.pt", help="stage-2 checkpoint for --only steps, samples")
-    p.add_argument("--no_clip", action="store_true", help="--only steps without clamping x_0-hat (Exercise 5)")
-    p.add_argument("--results", default=None,
-                   help="--only guidance: a results.json of python -m tools.sweep with guidance rows")
+    """The CLI's options (argv: a list of strings, default sys.argv[1:]); argparse exits on a bad
+    command."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["schedules", "forward", "steps", "guidance", "samples"],
+        default=["schedules", "forward", "steps"],
+    )
+    p.add_argument(
+        "--ckpt",
+        default="runs/fashion/ddpm.pt",
+        help="stage-2 checkpoint for --only steps, samples",
+    )
+    p.add_argument(
+        "--no_clip", action="store_true", help="--only steps without clamping x_0-hat (Exercise 5)"
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="--only guidance: a results.json of python -m tools.sweep with guidance rows",
+    )
     a = p.parse_args(argv)
     if "guidance" in a.only and not a.results:
-        p.error("--only guidance needs --results PATH (a results.json of python -m tools.sweep made with "
-                "--extra guidance=W)")
+        p.error(
+            "--only guidance needs --results PATH (a results.json of python -m tools.sweep made with "
+            "--extra guidance=W)"
+        )
     return a
 
 
 def main(argv=None):
     a = parse_args(argv)
     torch.manual_seed(0)
-    make = {"schedules": schedules, "forward": forward, "steps": lambda: steps(a.ckpt, clip=not a.no_clip),
-            "guidance": lambda: guidance(a.results), "samples": lambda: samples(a.ckpt)}
+    make = {
+        "schedules": schedules,
+        "forward": forward,
+        "steps": lambda: steps(a.ckpt, clip=not a.no_clip),
+        "guidance": lambda: guidance(a.results),
+        "samples": lambda: samples(a.ckpt),
+    }
     for name in a.only:
         make[name]()
 
