@@ -9,16 +9,20 @@ pictures). Nothing is ever downloaded, and nothing in a data file is ever run.
 
 File formats:
 - Fashion-MNIST, IDX files (gzipped `.gz` as Debian's dataset-fashion-mnist ships them, or raw):
-  a big-endian header, magic 0x00000803 then the dims N, 28, 28 (images) or magic 0x00000801 then N (labels),
-  followed by exactly N*28*28 (or N) unsigned bytes. The 28x28 images are zero-padded to 32x32.
+  a big-endian header, magic 0x00000803 then the dims N, 28, 28 (images) or magic 0x00000801
+  then N (labels), followed by exactly N*28*28 (or N) unsigned bytes. The 28x28 images are
+  zero-padded to 32x32.
 - CIFAR-10 binary version (cifar-10-batches-bin/data_batch_{1..5}.bin, test_batch.bin): records of
-  1 label byte + 3072 pixel bytes, which are the red plane, then green, then blue, each 32x32 row-major.
+  1 label byte + 3072 pixel bytes, which are the red plane, then green, then blue, each 32x32
+  row-major.
 - CIFAR-10 python version (cifar-10-batches-py/data_batch_{1..5}, test_batch): a pickled dict with
-  b"data", a uint8 array (N, 3072) in the same layout, and b"labels", a list of N ints. Its opcodes are
-  checked first, then it is unpickled with pure-Python stand-ins for the few numpy globals it names.
-- Image folder: every .png/.jpg/.jpeg/.bmp/.webp file under a folder (recursively, sorted by path), converted
-  to RGB, shorter side resized to image_size, centre-cropped. No labels. `split` picks the train/ or test/
-  subfolder if the folder has both; otherwise it is ignored and the whole folder is used.
+  b"data", a uint8 array (N, 3072) in the same layout, and b"labels", a list of N ints. Its opcodes
+  are checked first, then it is unpickled with pure-Python stand-ins for the few numpy globals it
+  names.
+- Image folder: every .png/.jpg/.jpeg/.bmp/.webp file under a folder (recursively, sorted by path),
+  converted to RGB, shorter side resized to image_size, centre-cropped. No labels. `split` picks the
+  train/ or test/ subfolder if the folder has both; otherwise it is ignored and the whole folder is
+  used.
 """
 
 import gzip
@@ -74,7 +78,8 @@ FASHION_HINT = (
 )
 CIFAR_HINT = (
     "Unpack the binary or python version from https://www.cs.toronto.edu/~kriz/cifar.html yourself "
-    "(nothing is downloaded here) and pass --data_dir pointing at cifar-10-batches-bin/ or -py/ or their parent"
+    "(nothing is downloaded here) and pass --data_dir pointing at cifar-10-batches-bin/ or -py/ "
+    "or their parent"
 )
 
 
@@ -267,7 +272,8 @@ def load_fashion_mnist(data_dir, split, image_size):
     labels."""
     if image_size != 32:
         raise DataError(
-            f"Fashion-MNIST is 28x28 zero-padded to 32x32; image_size={image_size} is not supported, use 32"
+            "Fashion-MNIST is 28x28 zero-padded to 32x32; "
+            f"image_size={image_size} is not supported, use 32"
         )
     _require_dir(data_dir, "Fashion-MNIST", FASHION_HINT)
     prefix = "train" if split == "train" else "t10k"
@@ -299,7 +305,8 @@ def _read_idx(path, magic, item_shape):
     header = 4 + 4 * ndim  # magic, then one big-endian uint32 per dim
     if len(raw) < header:
         raise DataError(
-            f"{path}: {len(raw)} bytes, shorter than the {header}-byte IDX header; the file is truncated"
+            f"{path}: {len(raw)} bytes, shorter than the {header}-byte IDX header; "
+            "the file is truncated"
         )
     found, *dims = struct.unpack(f">{1 + ndim}I", raw[:header])
     if found != magic:
@@ -318,7 +325,7 @@ def _read_idx(path, magic, item_shape):
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
-# ----------------------------------------------------------------------------- CIFAR-10 (binary or python version)
+# -------------------------------------------------------------- CIFAR-10 (binary or python version)
 
 
 def load_cifar10(data_dir, split, image_size):
@@ -392,7 +399,8 @@ def _read_cifar_pickle(path):
         isinstance(data, _PickledArray) and data.shape is not None and data.shape[1:] == (3072,)
     ):
         raise DataError(
-            f"{path}: expected a dict whose b'data' is a uint8 array (N, 3072); not a CIFAR-10 python batch"
+            f"{path}: expected a dict whose b'data' is a uint8 array (N, 3072); "
+            "not a CIFAR-10 python batch"
         )
     images = data.numpy().reshape(-1, 3, 32, 32)  # (N, 3072) -> (N, C, H, W)
     return torch.from_numpy(images), _labels_tensor(batch.get(b"labels"), len(images), path)
@@ -490,7 +498,8 @@ def _latin1_encode(text, encoding):
     bytes only."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise ValueError(
-            f"codecs.encode is only allowed as str -> latin1, got {type(text).__name__}, {encoding!r}"
+            "codecs.encode is only allowed as str -> latin1, "
+            f"got {type(text).__name__}, {encoding!r}"
         )
     return text.encode("latin1")
 

@@ -138,12 +138,12 @@ class DiffuseVAE(nn.Module):
                 f"guidance must be >= 0 and needs training with cond_drop, got {guidance}"
             )
 
-        def eps(y, t, cond):
+        def eps(y, t, cond=x_hat0):
             out = self.net(y + cond if self.form == 2 else y, t, cond)
             return eps_from_output(self.target, self.diffusion, out, y, t, cond)
 
         if guidance == 0:
-            return lambda y, t: eps(y, t, x_hat0)
+            return eps
         null = null_condition(x_hat0)
         return lambda y, t: (1 + guidance) * eps(y, t, x_hat0) - guidance * eps(y, t, null)
 
@@ -165,7 +165,6 @@ class DiffuseVAE(nn.Module):
         t = torch.full((noise.shape[0],), t_start, device=noise.device, dtype=torch.long)
         return self.diffusion.q_sample(x_hat0, t, noise)
 
-    @torch.no_grad()
     def refine(
         self, x_hat0, steps=STEPS, sampler="ddim", eta=ETA, t_start=None, guidance=0, **options
     ):
@@ -185,7 +184,6 @@ class DiffuseVAE(nn.Module):
             self.diffusion, eps_fn, start, steps, t_start, sampler=sampler, **options
         )
 
-    @torch.no_grad()
     def sample(self, n, generators=(None, None), prior="expost", **refine_options):
         """n samples (x_hat_0, x_0): z from the prior (z_prior), x_hat_0 = dec(z), refined.
         generators: z's, then the sampler's (generators()). The unconditional model: (None, x_0)."""

@@ -12,17 +12,20 @@ check the decisions it makes for a pretend CUDA device; pick_device() holds the 
 query. The same training step runs on the CPU with each choice forced (bf16 autocast, channels_last,
 compile) and gives the same loss to a tolerance stated in tests/test_runtime.py.
 
-A checkpoint is a plain dict (nanoGPT's layout plus what a diffusion model needs), one file per stage:
+A checkpoint is a plain dict (nanoGPT's layout plus what a diffusion model needs), one file per
+stage:
     stage        "vae" or "ddpm"
-    model_args   constructor arguments of the network (plain data): VAE(**model_args) or UNet(**model_args)
-    config       the training configuration (train.py's preset with its overrides, plus form, cond, seed)
+    model_args   constructor arguments of the network (plain data): VAE(**model_args) or
+                 UNet(**model_args)
+    config       the training configuration (train.py's preset with its overrides, plus form, cond,
+                 seed)
     model, ema   state dicts of the raw (uncompiled, unwrapped) model and of its EMA
     optimizer    the optimiser state;  step: optimisation steps done;  history: [(step, loss), ...]
     prior        (vae stage) the ex-post mixture fitted after the last step (vae.fit_expost_prior)
-    vae          (ddpm stage with a VAE condition) {"model_args", "ema", "prior"} of the frozen VAE it was trained
-                 on, so sample.py needs this one file only
-It is written atomically (save_atomic) and read with torch.load(weights_only=True): a file from a stranger cannot
-run code.
+    vae          (ddpm stage with a VAE condition) {"model_args", "ema", "prior"} of the frozen VAE
+                 it was trained on, so sample.py needs this one file only
+It is written atomically (save_atomic) and read with torch.load(weights_only=True): a file from a
+stranger cannot run code.
 """
 
 import contextlib
@@ -124,8 +127,8 @@ def slow_bf16_warning(rt):
     """A warning when bf16 autocast was asked for on a CPU without AMX, else None."""
     if rt.device.type == "cpu" and rt.amp_dtype is not None and not cpu_has_amx():
         return (
-            "warning: --bf16 on, but this CPU has no AMX: its bf16 convs run many times slower than fp32; "
-            "drop --bf16 on"
+            "warning: --bf16 on, but this CPU has no AMX: its bf16 convs run many times slower "
+            "than fp32; drop --bf16 on"
         )
     return None
 
@@ -271,7 +274,8 @@ def check_replicas(model, rt, rank):
     dist.all_reduce(differ)
     if rank == 0:
         print(
-            f"ranks {'DIFFER' if differ.item() else 'agree'}: weights {'not ' if differ.item() else ''}identical "
+            f"ranks {'DIFFER' if differ.item() else 'agree'}: "
+            f"weights {'not ' if differ.item() else ''}identical "
             f"on {rt.world} processes",
             flush=True,
         )

@@ -125,18 +125,13 @@ def paths_in_z(model, args, generator, device):
 def run_mode(args, model, device):
     """(grid rows, grid width, arrays to save) of the chosen mode."""
     g_z, g = diffusevae.generators(args.seed, device)
-    options = dict(
-        steps=args.steps,
-        sampler=args.sampler,
-        eta=args.eta,
-        t_start=args.t_start,
-        guidance=args.guidance,
-    )
+    options = dict(steps=args.steps, sampler=args.sampler, eta=args.eta, t_start=args.t_start)
+    options["guidance"] = args.guidance
     if args.mode == "sample":
-        batches = [
-            model.sample(min(args.batch_size, args.n - i), (g_z, g), args.prior, **options)
-            for i in range(0, args.n, args.batch_size)
-        ]
+        batches = []
+        for i in range(0, args.n, args.batch_size):
+            b = min(args.batch_size, args.n - i)
+            batches.append(model.sample(b, (g_z, g), args.prior, **options))
         x0 = torch.cat([b[1] for b in batches])
         if model.vae is None:
             return [x0[:64]], 8, {"x0": x0}

@@ -20,7 +20,7 @@ from data import DataError, load_dataset, save_grid, to_model_range, to_unit_ran
 FUZZ_CASES = 200
 
 
-# ----------------------------------------------------------------------------- writers for each format
+# -------------------------------------------------------------------------- writers for each format
 
 
 def idx_bytes(array, magic):
@@ -484,7 +484,7 @@ def test_errors_for_unknown_name_split_or_size(tmp_path):
     expect_error("--data_dir", "cifar10")
 
 
-# ----------------------------------------------------------------------------- fuzz: DataError or a valid dataset
+# --------------------------------------------------------------- fuzz: DataError or a valid dataset
 
 
 def mutate(rng, good):

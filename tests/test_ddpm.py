@@ -215,15 +215,19 @@ def test_discretized_decoder_is_a_distribution_over_the_256_levels():
 
 
 def expected_vlb_bits_by_quadrature(probs, T=T):
-    """E_{x_0, x_{1:T}}[L] of DDPM eq. 5 for 1-D data on the 8-bit grid with probabilities `probs`, the exact denoiser
-    and sigma_t^2 = beta_t (beta-tilde_2 at the first step, as ddpm.model_log_variance 'fixedlarge'), in bits, from
-    the linear schedule's definition. With the exact denoiser mu_theta(x_t) = mu-tilde(x_t, E[x_0 | x_t]), so
-    mu-tilde - mu_theta = c1 (x_0 - E[x_0 | x_t]) and, by the law of total variance, for t >= 2 (code t >= 1)
-        E L_{t-1} = 1/2 [log(sigma^2 / beta-tilde) + beta-tilde / sigma^2 - 1] + c1^2 E[Var(x_0 | x_t)] / (2 sigma^2),
-    c1 = sqrt(ab_{t-1}) beta_t / (1 - ab_t); at t = 1, c1 = 1 and c2 = 0, so L_0 = E[-log P(x_0 | mean E[x_0 | x_1])];
-    L_T = KL(N(sqrt(ab_T) x_0, 1 - ab_T) || N(0, 1)) averaged over x_0. The x_t integrals are Riemann sums on a grid of
-    step sd / 3 over +-7 sd beyond the data's range, sd = sqrt(1 - ab_t), which the integrands (Gaussian mixtures)
-    make accurate to ~1e-13 bits: halving the step changes the result by less."""
+    """E_{x_0, x_{1:T}}[L] of DDPM eq. 5 for 1-D data on the 8-bit grid with probabilities `probs`,
+    the exact denoiser and sigma_t^2 = beta_t (beta-tilde_2 at the first step, as
+    ddpm.model_log_variance 'fixedlarge'), in bits, from the linear schedule's definition. With the
+    exact denoiser mu_theta(x_t) = mu-tilde(x_t, E[x_0 | x_t]), so
+    mu-tilde - mu_theta = c1 (x_0 - E[x_0 | x_t]) and, by the law of total variance, for t >= 2
+    (code t >= 1)
+        E L_{t-1} = 1/2 [log(sigma^2 / beta-tilde) + beta-tilde / sigma^2 - 1]
+                    + c1^2 E[Var(x_0 | x_t)] / (2 sigma^2),
+    c1 = sqrt(ab_{t-1}) beta_t / (1 - ab_t); at t = 1, c1 = 1 and c2 = 0, so
+    L_0 = E[-log P(x_0 | mean E[x_0 | x_1])]; L_T = KL(N(sqrt(ab_T) x_0, 1 - ab_T) || N(0, 1))
+    averaged over x_0. The x_t integrals are Riemann sums on a grid of step sd / 3 over +-7 sd
+    beyond the data's range, sd = sqrt(1 - ab_t), which the integrands (Gaussian mixtures) make
+    accurate to ~1e-13 bits: halving the step changes the result by less."""
     betas, ab = linear_schedule_by_hand(T)
     ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
     post_var = betas * (1 - ab_prev) / (1 - ab)
@@ -453,9 +457,9 @@ def test_clipped_ancestral_sampling_steps_to_the_ddpm_eq7_mean_at_the_clipped_x0
     m, s, N, S = 0.2, 1.0, 4000, 10
     _, ab_all = linear_schedule_by_hand(T)
 
-    def eps_fn(
-        x, t
-    ):  # E[eps | x_t] for x_0 ~ N(m, s^2) (Gaussian conditioning; oracles.py's formula), from ab_all
+    def eps_fn(x, t):
+        # E[eps | x_t] for x_0 ~ N(m, s^2) (Gaussian conditioning; oracles.py's formula),
+        # from ab_all
         a = ab_all[t].reshape(-1, 1)
         return (1 - a).sqrt() * (x - a.sqrt() * m) / (a * s**2 + 1 - a)
 

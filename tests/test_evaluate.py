@@ -356,7 +356,7 @@ def test_cli_stops_with_the_message_before_any_slow_step(tmp_path, monkeypatch):
         ev.main()
 
 
-# ----------------------------------------------------------------------------- class agreement and the CLI
+# ---------------------------------------------------------------------- class agreement and the CLI
 
 
 class NearestLevel(torch.nn.Module):

@@ -109,9 +109,11 @@ def test_quoted_code_is_in_the_file_verbatim(lineno, path, body):
     if not found:
         start, window = closest
         pytest.fail(
-            f"{where} no longer appears in {path} verbatim (as contiguous lines, common indentation "
-            f"removed). The quote:\n{quote}\n\n{path}'s closest lines (from line {start}):\n{window}\n\n"
-            f"Update the quote in LESSONS.md, and the sentence after it if the code's meaning changed.",
+            f"{where} no longer appears in {path} verbatim (as contiguous lines, common "
+            f"indentation removed). The quote:\n{quote}\n\n{path}'s closest lines "
+            f"(from line {start}):\n{window}\n\n"
+            "Update the quote in LESSONS.md, and the sentence after it if the code's meaning "
+            "changed.",
             pytrace=False,
         )
 

@@ -214,8 +214,8 @@ def test_readme_command_parses(doc, lineno, line, script, argv):
             )
     if any("$" in a for a in argv):
         pytest.fail(
-            f"{where}: uses shell variables ({', '.join(a for a in argv if '$' in a)}), which this test "
-            "cannot check: write the commands out",
+            f"{where}: uses shell variables ({', '.join(a for a in argv if '$' in a)}), "
+            "which this test cannot check: write the commands out",
             pytrace=False,
         )
     module = importlib.import_module(module_name)

@@ -322,7 +322,7 @@ def test_on_device_keeps_the_plain_model_for_checkpoints():
     assert model is raw
 
 
-# ----------------------------------------------------------------------------- processes (gloo, CPU)
+# ---------------------------------------------------------------------------- processes (gloo, CPU)
 
 
 def _two_ranks(rank, out_dir, differ):

@@ -75,7 +75,8 @@ def test_a_start_outside_the_trained_timesteps_is_refused_before_sampling(
 ):
     out = str(tmp_path / "sweep")
     ck = os.path.join(trained, "ddpm.pt")  # trained on the code timesteps 0..110
-    refusals = {  # the model's refusal (DiffuseVAE.start), naming the start and the trained timesteps
+    # the model's refusal (DiffuseVAE.start), naming the start and the trained timesteps
+    refusals = {
         "999": r"--models m=.*: --t_start 999: .*code timesteps 0\.\.110",  # T - 1: from noise
         "300": r"--models m=.*: --t_start 300: .*code timesteps 0\.\.110",
     }

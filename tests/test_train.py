@@ -79,7 +79,7 @@ def test_deterministic_on_the_cpu_needs_no_cublas_setting(tmp_path, monkeypatch)
     assert calls == [True] and CUBLAS not in os.environ and bound == []
 
 
-# ----------------------------------------------------------------------------- the stage-2 condition under bf16
+# ----------------------------------------------------------------- the stage-2 condition under bf16
 
 
 def test_bf16_training_step_decodes_x_hat_0_in_fp32(monkeypatch):
@@ -142,7 +142,7 @@ def test_bf16_training_step_decodes_x_hat_0_in_fp32(monkeypatch):
     assert seen["x_hat0"].dtype == torch.float32 and torch.equal(seen["x_hat0"], expected)
 
 
-# ----------------------------------------------------------------------------- the presets' objectives
+# -------------------------------------------------------------------------- the presets' objectives
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,7 @@ def test_vae_rejects_image_sizes_it_cannot_downsample():
         V.VAE(image_size=30)
 
 
-# ----------------------------------------------------------------------------- the ex-post prior (a Gaussian mixture)
+# ----------------------------------------------------------- the ex-post prior (a Gaussian mixture)
 
 
 def known_mixture():

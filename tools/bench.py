@@ -111,8 +111,9 @@ def parse_args(argv=None):
         "--rounds",
         type=int,
         default=None,
-        help="interleaved rounds of every A/B race (default 3; --quick 2; --iters 1): each figure is its "
-        "fastest round's mean, so more rounds of fewer --iters steady an A/B on a noisy machine",
+        help="interleaved rounds of every A/B race (default 3; --quick 2; --iters 1): each figure "
+        "is its fastest round's mean, so more rounds of fewer --iters steady an A/B on a noisy "
+        "machine",
     )
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     p.add_argument(
@@ -274,7 +275,7 @@ AB_HEADER = ["what", "before", "after", "before ms", "after ms", "speedup"]
 AB_IMG_HEADER = AB_HEADER + ["before img/s", "after img/s"]
 
 
-# ----------------------------------------------------------------------------- the networks, as train.py builds them
+# ------------------------------------------------------------ the networks, as train.py builds them
 
 
 def build(kind, preset, device, dropout=None):
@@ -640,7 +641,7 @@ def bench_stage2(preset, device, iters, rounds, variants=STEP_PATHS):
     ]
 
 
-# ----------------------------------------------------------------------------- where the UNet's time goes
+# ----------------------------------------------------------------------- where the UNet's time goes
 
 
 def conv_flops(op, shapes, args):
@@ -1046,8 +1047,8 @@ def main(argv=None):
             "cpu", device, n(5, 2), rounds, with_bf16(STEP_PATHS, device)
         )
         show(
-            f"stage-2 step end to end, train.train_step (x_hat_0 from the frozen VAE + L_DDPM + backward + clip + "
-            f"AdamW + EMA); {ab_note} {tag}",
+            "stage-2 step end to end, train.train_step (x_hat_0 from the frozen VAE + L_DDPM + "
+            f"backward + clip + AdamW + EMA); {ab_note} {tag}",
             AB_IMG_HEADER,
             rows,
         )
@@ -1065,8 +1066,8 @@ def main(argv=None):
         )
         out["stage1"] = dict(rows=rows, ab=ab)
         show(
-            f"stage-1 (VAE) training step, train.train_step: forward + backward + clip + AdamW + EMA. Peak memory: "
-            f"{mem_kind} {tag}",
+            "stage-1 (VAE) training step, train.train_step: forward + backward + clip + AdamW + "
+            f"EMA. Peak memory: {mem_kind} {tag}",
             TRAIN_HEADER,
             rows,
         )
@@ -1091,8 +1092,8 @@ def main(argv=None):
             rows += r
             abs_ += ab
         show(
-            f"UNet training step (x_hat_0 given): forward + backward + clip + AdamW + EMA. Peak memory: {mem_kind} "
-            f"{tag}",
+            "UNet training step (x_hat_0 given): forward + backward + clip + AdamW + EMA. "
+            f"Peak memory: {mem_kind} {tag}",
             TRAIN_HEADER,
             rows,
         )
@@ -1108,14 +1109,18 @@ def main(argv=None):
         mine = next(r for r in rows if r["model"] == "unet (cpu)" and r["path"] == path)
         print(
             f"\nUNet step (cpu preset, batch {cfg['batch_size']}, {path}, train.py's path): "
-            f"{mine['gflop_per_s']:.0f} GFLOP/s = {100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "
-            f"{conv_peak:.0f}; under the profiler the convolutions take {summary['conv_ms']:.0f} of "
-            f"{summary['profiled_step_ms']:.0f} ms ({100 * summary['conv_share_of_step']:.0f}%), at "
-            f"{summary['conv_gflop_per_s']:.0f} GFLOP/s = {summary['conv_pct_of_conv_peak']:.0f}% of the conv peak"
+            f"{mine['gflop_per_s']:.0f} GFLOP/s = "
+            f"{100 * mine['gflop_per_s'] / conv_peak:.0f}% of the conv peak "
+            f"{conv_peak:.0f}; under the profiler the convolutions take "
+            f"{summary['conv_ms']:.0f} of "
+            f"{summary['profiled_step_ms']:.0f} ms "
+            f"({100 * summary['conv_share_of_step']:.0f}%), at "
+            f"{summary['conv_gflop_per_s']:.0f} GFLOP/s = "
+            f"{summary['conv_pct_of_conv_peak']:.0f}% of the conv peak"
         )
         show(
-            f"the convolutions that take the UNet step's time (k x k / stride, C_in -> C_out @ input H x W; bwd = "
-            f"grad of input + weight) {tag}",
+            "the convolutions that take the UNet step's time (k x k / stride, C_in -> C_out @ "
+            f"input H x W; bwd = grad of input + weight) {tag}",
             ["shape", "pass", "calls", "ms/step", "GFLOP/s", "% conv peak"],
             convs,
         )
@@ -1128,13 +1133,15 @@ def main(argv=None):
         n_images, batch = (125, 125) if args.iters else (250, 125) if args.quick else (1000, 250)
         ab = bench_sampling_ab(device, n_images, batch)
         show(
-            f"10-step sampling throughput: DiffuseVAE.refine, cpu preset, inference_mode; {ab_note} {tag}",
+            "10-step sampling throughput: DiffuseVAE.refine, cpu preset, inference_mode; "
+            f"{ab_note} {tag}",
             AB_IMG_HEADER,
             ab,
         )
         sampling, mem, ab_a = bench_sampling(device, 64, rough, n, rt.channels_last)
         show(
-            f"DDIM refinement latency, cpu-preset UNet, batch 64, {layout(rt.channels_last)}, inference_mode; "
+            "DDIM refinement latency, cpu-preset UNet, batch 64, "
+            f"{layout(rt.channels_last)}, inference_mode; "
             f"peak memory {mem:.0f} MiB {tag}",
             ["steps", "batch", "s/batch", "ms/image", "how"],
             sampling,
@@ -1152,8 +1159,8 @@ def main(argv=None):
     if "diffusers" in args.only:
         rows = out["diffusers"] = bench_diffusers(UNet2DModel, device, cifar_batch, n(5, 2), rounds)
         show(
-            f"forward + backward, the DDPM CIFAR-10 UNet in a matched configuration, same batch, process and memory "
-            f"format {tag}",
+            "forward + backward, the DDPM CIFAR-10 UNet in a matched configuration, same batch, "
+            f"process and memory format {tag}",
             ["model", "layout", "params", "batch", "ms fwd+bwd", "img/s"],
             rows,
         )

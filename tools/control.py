@@ -75,7 +75,8 @@ def parse_args(argv=None):
         p.error(f"--repeats must be between 2 and 64 (refinements per z), got {args.repeats}")
     if not 1 <= args.paths <= 256:
         p.error(
-            f"--paths must be between 1 and 256 (paths in z for --mode interp/arith), got {args.paths}"
+            "--paths must be between 1 and 256 (paths in z for --mode interp/arith), "
+            f"got {args.paths}"
         )
     if args.mode == "arith" and args.arith is None:
         p.error("--mode arith needs --arith ATTR BASE (e.g. --arith 5 9: sandal minus ankle boot)")
@@ -123,9 +124,9 @@ def control(model, judge, K, R, generators, prior="expost", **options):
     )
     across = rms[:, ~torch.eye(K, dtype=torch.bool, device=rms.device)]
     print(
-        f"control through z: K = {K} latents x R = {R} refinements; the judge keeps x_hat_0's class in "
-        f"{agree:.1%} ± {se:.1%} (chance ~10%); RMS pixel distance within one z {within.mean():.3f}, "
-        f"across z's {across.mean():.3f}"
+        f"control through z: K = {K} latents x R = {R} refinements; the judge keeps x_hat_0's "
+        f"class in {agree:.1%} ± {se:.1%} (chance ~10%); RMS pixel distance within one z "
+        f"{within.mean():.3f}, across z's {across.mean():.3f}"
     )
     rows = [torch.cat([x_hat0[k : k + 1], x0[k]]) for k in range(min(K, 8))]
     return rows, {"vae": x_hat0, "x0": x0}
@@ -158,12 +159,13 @@ def report_path_classes(judge, x_hat0, x0, attr=None):
             print(f"path {p} {name}: " + " ".join(FASHION_CLASSES[k][:7] for k in c.tolist()))
     r = path_agreement(c_vae, c_ref, attr)
     line = (
-        f"{P} paths x {n} points: the refinement has its x_hat_0's class at {r['points']:.1%} of the points, "
-        f"at the last point of a path {r['last']:.1%}"
+        f"{P} paths x {n} points: the refinement has its x_hat_0's class at {r['points']:.1%} "
+        f"of the points, at the last point of a path {r['last']:.1%}"
     )
     if attr is not None:
         line += (
-            f"; in class {attr} ({FASHION_CLASSES[attr]}) at the first point: x_hat_0 {r['attr_first_vae']:.1%}, "
+            f"; in class {attr} ({FASHION_CLASSES[attr]}) at the first point: "
+            f"x_hat_0 {r['attr_first_vae']:.1%}, "
             f"refined {r['attr_first_ref']:.1%}; at the last: x_hat_0 {r['attr_last_vae']:.1%}, "
             f"refined {r['attr_last_ref']:.1%}"
         )
@@ -185,8 +187,8 @@ def add_refiner_flags(p):
         "--t_start",
         type=int,
         default=None,
-        help="the code timestep the refiner starts at, at most the trained one (default: the checkpoint's "
-        "t_start; T - 1 = 999: the whole chain from noise)",
+        help="the code timestep the refiner starts at, at most the trained one (default: the "
+        "checkpoint's t_start; T - 1 = 999: the whole chain from noise)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

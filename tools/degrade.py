@@ -80,7 +80,8 @@ def psnr(x, ref):
     """
     if x.shape != ref.shape or x.dim() != 4:
         raise ValueError(
-            f"psnr needs two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} and {tuple(ref.shape)}"
+            "psnr needs two (B, C, H, W) tensors of one shape, "
+            f"got {tuple(x.shape)} and {tuple(ref.shape)}"
         )
     mse = (x.double() - ref.double()).pow(2).mean(dim=(1, 2, 3))  # (B,)
     return 10 * torch.log10(4.0 / mse)
@@ -137,8 +138,8 @@ def degrade_table(model, classifier, x, ref, generator, **options):
             for a in (x_in, x0)
         )
         lines.append(
-            f"| {LABELS.get(name, name)} | {fid_in:.1f} | {fid_out:.1f} | {psnr(x_in, x).mean():.2f} | "
-            f"{psnr(x0, x).mean():.2f} |"
+            f"| {LABELS.get(name, name)} | {fid_in:.1f} | {fid_out:.1f} | "
+            f"{psnr(x_in, x).mean():.2f} | {psnr(x0, x).mean():.2f} |"
         )
         rows += [x_in[:8], x0[:8]]
         key = name.replace(" ", "_")

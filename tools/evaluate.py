@@ -110,7 +110,7 @@ class FeatureNet(nn.Module):
         return self.head(self.features(x))
 
 
-# ----------------------------------------------------------------------------- training and the checkpoint
+# ---------------------------------------------------------------------- training and the checkpoint
 
 
 def augment(x, generator=None, max_shift=2):
@@ -487,7 +487,8 @@ def evaluate(model, samples, data_dir=None, judge=None):
     "n"} or None}."""
     ref = extract_features(model, _load_real("test", data_dir)[0])
     print(
-        f"features: the classifier's {ref.shape[1]}-d penultimate layer; reference: the {len(ref)} test images.\n"
+        f"features: the classifier's {ref.shape[1]}-d penultimate layer; "
+        f"reference: the {len(ref)} test images.\n"
         "NOT comparable to published (Inception) FIDs. KID: mean ± std over 100 subsets of 1000."
     )
     scores = {
@@ -501,7 +502,8 @@ def evaluate(model, samples, data_dir=None, judge=None):
     # FID's bias depends on N: a floor of fewer images than the samples would not be their floor
     else:
         print(
-            f"floor: not scored, the validation split holds {len(held_out)} images, fewer than the {n} samples "
+            f"floor: not scored, the validation split holds {len(held_out)} images, "
+            f"fewer than the {n} samples "
             f"(score at most --n {len(held_out)} for a floor at the same N)"
         )
     agreement = None
@@ -555,8 +557,10 @@ def likelihood(ckpt, n=100, batch_size=100, data_dir=None, device="cpu", seed=0)
     full = model.t_start == model.diffusion.T - 1
     chain = "the whole chain" if full else f"the chain from code t {model.t_start}"
     print(
-        f"{ckpt} ({chain}): -log p(x_0) <= {parts['total'].mean():.3f} ± {se:.3f} bits/dim on {len(x)} test images "
-        f"(DDPM given x_hat_0 {parts['ddpm'].mean():.3f}, KL of z {parts['kl_z'].mean():.3f}; sigma_t^2 = beta-tilde_t)"
+        f"{ckpt} ({chain}): -log p(x_0) <= {parts['total'].mean():.3f} ± {se:.3f} bits/dim "
+        f"on {len(x)} test images "
+        f"(DDPM given x_hat_0 {parts['ddpm'].mean():.3f}, KL of z {parts['kl_z'].mean():.3f}; "
+        "sigma_t^2 = beta-tilde_t)"
     )
     return parts
 
@@ -596,7 +600,8 @@ def parse_args(argv=None):
         "--recon",
         metavar="VAE_CKPT",
         help="the classifier on the first --n test images (default all) and "
-        "on their reconstructions by this stage-1 checkpoint: the ceiling of the class-agreement figure",
+        "on their reconstructions by this stage-1 checkpoint: the ceiling of the "
+        "class-agreement figure",
     )
     args = p.parse_args(argv)
     if not (args.samples or args.train_classifier or args.bpd or args.recon):
@@ -642,8 +647,10 @@ def main(argv=None):
             x, y = _load_real("test", args.data_dir)
             r = reconstruction_agreement(judge, load_vae(args.recon), x[: args.n], y[: args.n])
             print(
-                f"{args.recon}, {r['n']} test images: classifier accuracy {r['acc_data']:.1%} on the images, "
-                f"{r['acc_recon']:.1%} on their reconstructions; the same class for both: {r['agree']:.1%}"
+                f"{args.recon}, {r['n']} test images: classifier accuracy "
+                f"{r['acc_data']:.1%} on the images, "
+                f"{r['acc_recon']:.1%} on their reconstructions; "
+                f"the same class for both: {r['agree']:.1%}"
             )
     except (SamplesError, DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}")

@@ -119,7 +119,8 @@ def forward():
     for ax, label in zip(axes[:, 0], ["form 1: x_t", "form 2: x_t", "form 2: x_t - x_hat_0"]):
         ax.set_ylabel(label, fontsize=8)
     fig.suptitle(
-        f"{source}; code t (paper t + 1), one fixed noise\nrow 3 = row 1 (max |difference| {gap:.1e}): "
+        f"{source}; code t (paper t + 1), one fixed noise\n"
+        f"row 3 = row 1 (max |difference| {gap:.1e}): "
         f"form 2 is a DDPM chain on y_t = x_t - x_hat_0, and x_T ~ N(x_hat_0, I)",
         fontsize=8,
     )
@@ -145,7 +146,8 @@ def steps(ckpt, clip=True):
     model = sample.load_model(ckpt, device)
     if model.vae is None:
         print(
-            f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline (no x_hat_0 to show)"
+            f"skipping samples_vs_steps.png: {ckpt} is the unconditional baseline "
+            "(no x_hat_0 to show)"
         )
         return
     counts = step_counts(model.config)
@@ -180,7 +182,8 @@ def steps(ckpt, clip=True):
     )
     save(fig, "samples_vs_steps.png" if clip else "samples_vs_steps_noclip.png")
     print(
-        f"samples_vs_steps: {sum(counts)} DDIM steps (8 samples each) took {seconds:.1f} s on {device.type}"
+        f"samples_vs_steps: {sum(counts)} DDIM steps (8 samples each) "
+        f"took {seconds:.1f} s on {device.type}"
     )
 
 
@@ -294,8 +297,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if "guidance" in a.only and not a.results:
         p.error(
-            "--only guidance needs --results PATH (a results.json of python -m tools.sweep made with "
-            "--extra guidance=W)"
+            "--only guidance needs --results PATH (a results.json of python -m tools.sweep "
+            "made with --extra guidance=W)"
         )
     return a
 

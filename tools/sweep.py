@@ -1,10 +1,11 @@
 """The speed/quality sweep: FID (own-classifier features, tools/evaluate.py) against the number of
 sampling steps.
 
-    python -m tools.sweep --models form2=runs/fashion/ddpm.pt form1=runs/form1/ddpm.pt uncond=runs/uncond/ddpm.pt \
+    python -m tools.sweep --models form2=runs/fashion/ddpm.pt form1=runs/form1/ddpm.pt \
+                                   uncond=runs/uncond/ddpm.pt \
                           --steps 10 25 100 --samplers ddim ddpm --n 1000
-    python -m tools.sweep --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 50 80 default --seeds 0 1 2 \
-                          --samplers ddpm --extra var_type=fixedsmall --split val
+    python -m tools.sweep --models form2=runs/fashion/ddpm.pt --steps 10 --t_start 50 80 default \
+                          --seeds 0 1 2 --samplers ddpm --extra var_type=fixedsmall --split val
 
 For each model, sampler, step count, t_start and seed it draws N samples (the same z and seeds for
 every model), scores them against a held-out Fashion-MNIST split (--split val to choose a default,
@@ -72,8 +73,8 @@ def parse_args(argv=None):
         "--t_start",
         nargs="+",
         default=["default"],
-        help="refiner start code timesteps (sample.py --t_start; 'default' = the checkpoint's, T - 1 = 999 the "
-        "whole chain from noise)",
+        help="refiner start code timesteps (sample.py --t_start; 'default' = the checkpoint's, "
+        "T - 1 = 999 the whole chain from noise)",
     )
     p.add_argument(
         "--seeds",
@@ -87,8 +88,8 @@ def parse_args(argv=None):
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help=f"more sampler options for every cell, each a Python literal else a string, e.g. eta=0.5 "
-        f"raw_eps=True; keys: {', '.join(EXTRA_KEYS)}",
+        help="more sampler options for every cell, each a Python literal else a string, "
+        f"e.g. eta=0.5 raw_eps=True; keys: {', '.join(EXTRA_KEYS)}",
     )
     p.add_argument("--n", type=int, default=1000, help="samples per cell")
     p.add_argument("--batch_size", type=int, default=250)
@@ -393,11 +394,14 @@ def write_table_and_plot(results, args, acc, common):
         and r.get("extra", "") in (args.extra, "")
     ]
     lines = [
-        f"FID in two feature spaces: tools/evaluate.py's classifier (test accuracy {acc:.2%}) / its independent "
-        f"judge, {args.n} samples vs the {args.split} split, {args.spacing} timestep spacing, z from the "
-        f"{args.prior} prior, seeds {sorted(seeds)} (mean ± sd), extra sampler options: {args.extra or 'none'}. "
-        f"Each cell: FID / FID (judge) [class agreement x_hat_0 vs refinement, by the judge] (seconds per seed); "
-        f"KID in results.json. NOT comparable to published Inception FIDs.",
+        "FID in two feature spaces: tools/evaluate.py's classifier "
+        f"(test accuracy {acc:.2%}) / its independent "
+        f"judge, {args.n} samples vs the {args.split} split, {args.spacing} timestep spacing, "
+        f"z from the {args.prior} prior, seeds {sorted(seeds)} (mean ± sd), "
+        f"extra sampler options: {args.extra or 'none'}. "
+        "Each cell: FID / FID (judge) [class agreement x_hat_0 vs refinement, by the judge] "
+        "(seconds per seed); "
+        "KID in results.json. NOT comparable to published Inception FIDs.",
         "",
         "| model | sampler | t_start | " + " | ".join(f"{s} steps" for s in args.steps) + " |",
         "|---|---|---|" + "---|" * len(args.steps),
@@ -421,7 +425,8 @@ def write_table_and_plot(results, args, acc, common):
                 f" [{100 * sum(r['agree'] for r in rs) / len(rs):.1f}%]" if "agree" in rs[0] else ""
             )
             return (
-                f"{mean_sd([r['fid'] for r in rs])} / {mean_sd([r['fid_judge'] for r in rs])}{agree} "
+                f"{mean_sd([r['fid'] for r in rs])} / "
+                f"{mean_sd([r['fid_judge'] for r in rs])}{agree} "
                 f"({sum(r['seconds'] for r in rs) / len(rs):.0f} s)"
             )
 
