@@ -21,10 +21,8 @@ from runtime import CheckpointError, load_checkpoint
 from unet import UNet
 from vae import VAE, kl_to_prior, sample_prior
 
-STEPS, ETA = (
-    10,
-    0.5,
-)  # how the refiner samples unless told: 10 DDIM steps at eta 0.5 (sample.py's flags)
+# how the refiner samples unless told (sample.py's flags, the training pictures, tools/): DDIM
+STEPS, ETA = 10, 0.5
 TARGETS = ("eps", "x0", "residual", "v")
 
 # --- Formulation 2, in x space ----------------------------------------------------------------
@@ -73,7 +71,7 @@ def ddpm_loss(
     t = torch.randint(0, diffusion.T, (x0.shape[0],), device=x0.device) if t is None else t
     noise = torch.randn_like(x0) if noise is None else noise
     cond = None if x_hat0 is None else drop_condition(x_hat0, cond_drop)
-    shift = 0 if form == 1 else cond  # Formulation 2: form2_q_sample
+    shift = 0 if form == 1 else cond  # form 2: x_t from form2_q_sample, shifted by the condition
     x_t = diffusion.q_sample(x0, t, noise) + shift
     out = training_target(target, diffusion, x0, cond, t, noise)
     return ddpm.loss_simple(net(x_t, t, cond), out), t
@@ -134,9 +132,7 @@ class DiffuseVAE(nn.Module):
         if self.form == 2 and x_hat0 is None:
             raise ValueError("form 2 shifts the chain by x_hat_0: it needs one")
         if guidance < 0 or (guidance > 0 and not self.config["cond_drop"] > 0):
-            raise ValueError(
-                f"guidance must be >= 0 and needs training with cond_drop, got {guidance}"
-            )
+            raise ValueError(f"guidance must be >= 0 (and > 0 needs cond_drop), got {guidance}")
 
         def eps(y, t, cond=x_hat0):
             out = self.net(y + cond if self.form == 2 else y, t, cond)
@@ -152,9 +148,7 @@ class DiffuseVAE(nn.Module):
         truncated start q(chain_{t_s} | x_0 = x_hat_0) (SDEdit, Meng et al. 2022, 2108.01073)."""
         top = self.diffusion.T - 1
         if x_hat0 is None and t_start != top:
-            raise ValueError(
-                f"--t_start {t_start}: a truncated start needs x_hat_0; this is unconditional"
-            )
+            raise ValueError(f"--t_start {t_start}: a truncated start needs x_hat_0 to start from")
         if not 0 <= t_start <= self.t_start:
             raise ValueError(
                 f"--t_start {t_start}: this refiner was trained on the code timesteps "
@@ -180,9 +174,8 @@ class DiffuseVAE(nn.Module):
         start = self.start(x_hat0, t_start, noise)
         options = dict(clip_x0=True) | options | (dict(eta=eta) if sampler == "ddim" else {})
         eps_fn = self.eps_fn(x_hat0, guidance)
-        return ddpm.sample(
-            self.diffusion, eps_fn, start, steps, t_start, sampler=sampler, **options
-        )
+        options |= dict(sampler=sampler, t_start=t_start)
+        return ddpm.sample(self.diffusion, eps_fn, start, steps, **options)
 
     def sample(self, n, generators=(None, None), prior="expost", **refine_options):
         """n samples (x_hat_0, x_0): z from the prior (z_prior), x_hat_0 = dec(z), refined.
@@ -192,11 +185,16 @@ class DiffuseVAE(nn.Module):
             size, img_ch = self.net.config["image_size"], self.net.config["img_ch"]
             noise = torch.randn(n, img_ch, size, size, generator=generator, device=device)
             return None, self.refine(None, noise=noise, generator=generator, **refine_options)
-        z = sample_prior(
-            n, self.vae.z_dim, self.z_prior(prior), generator=z_generator, device=device
-        )
+        prior = self.z_prior(prior)
+        z = sample_prior(n, self.vae.z_dim, prior, generator=z_generator, device=device)
         x_hat0 = self.vae.decode(z)
         return x_hat0, self.refine(x_hat0, generator=generator, **refine_options)
+
+    def reconstruct(self, x, generators=(None, None), **refine_options):
+        """Images x through the model: x_hat_0 = dec(z), z ~ q(z|x) (as in training), and its
+        refinement; (x_hat_0, x_0). generators: z's, then the sampler's."""
+        x_hat0 = self.vae.reconstruct(x, generators[0])[0]
+        return x_hat0, self.refine(x_hat0, generator=generators[1], **refine_options)
 
     def z_prior(self, prior):
         """The mixture z is drawn from: the VAE's ex-post prior ("expost"), or None: N(0, I)."""

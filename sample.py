@@ -25,50 +25,27 @@ from vae import sample_prior
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--ckpt", default="runs/fashion/ddpm.pt", help="a checkpoint of train.py --stage ddpm"
-    )
-    p.add_argument("--mode", default="sample", choices=["sample", "recon", "interp", "arith"])
-    p.add_argument("--steps", type=int, default=diffusevae.STEPS, help="denoiser calls")
-    p.add_argument(
-        "--sampler",
-        default="ddim",
-        choices=["ddim", "ddpm"],
-        help="ddpm: ancestral, sigma^2 = beta",
-    )
-    p.add_argument(
-        "--eta", type=float, default=diffusevae.ETA, help="DDIM: sigma^2 = eta^2 beta-tilde"
-    )
-    p.add_argument(
-        "--t_start", type=int, default=None, help="the code timestep to start at (default: trained)"
-    )
-    p.add_argument("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
-    p.add_argument(
-        "--n", type=int, default=16, help="how many samples (interp/arith: points per path)"
-    )
-    p.add_argument("--paths", type=int, default=4, help="--mode interp/arith: how many paths in z")
-    p.add_argument(
-        "--arith", type=int, nargs=2, metavar=("ATTR", "BASE"), help="--mode arith: the classes"
-    )
-    p.add_argument(
-        "--prior", default="expost", choices=["expost", "normal"], help="z's prior (vae.py)"
-    )
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data_dir", default=None, help="the dataset, for --mode recon/arith")
-    p.add_argument("--out", default=None, help="output path stem (default: next to the checkpoint)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add = p.add_argument
+    add("--ckpt", default="runs/fashion/ddpm.pt", help="a checkpoint of train.py --stage ddpm")
+    add("--mode", default="sample", choices=["sample", "recon", "interp", "arith"])
+    add("--steps", type=int, default=diffusevae.STEPS, help="denoiser calls")
+    add("--sampler", default="ddim", choices=["ddim", "ddpm"], help="ddpm: ancestral, beta_t")
+    add("--eta", type=float, default=diffusevae.ETA, help="DDIM: sigma^2 = eta^2 beta-tilde")
+    add("--t_start", type=int, default=None, help="the code t to start at (default: trained)")
+    add("--guidance", type=float, default=0.0, help="classifier-free guidance weight")
+    add("--n", type=int, default=16, help="how many samples (interp/arith: points per path)")
+    add("--paths", type=int, default=4, help="--mode interp/arith: how many paths in z")
+    add("--arith", type=int, nargs=2, metavar=("ATTR", "BASE"), help="--mode arith's classes")
+    add("--prior", default="expost", choices=["expost", "normal"], help="z's prior (vae.py)")
+    add("--batch_size", type=int, default=256)
+    add("--seed", type=int, default=0)
+    add("--data_dir", default=None, help="the dataset, for --mode recon/arith")
+    add("--out", default=None, help="output path stem (default: next to the checkpoint)")
     args = p.parse_args(argv)
-    if (
-        min(args.n, args.paths, args.batch_size, args.steps) < 1
-        or args.eta < 0
-        or args.guidance < 0
-    ):
+    if min(args.n, args.paths, args.batch_size, args.steps) < 1 or min(args.eta, args.guidance) < 0:
         p.error(
-            "--n, --paths, --batch_size and --steps must be at least 1, "
-            "--eta and --guidance at least 0"
+            "--n, --paths, --batch_size, --steps must be at least 1; --eta, --guidance at least 0"
         )
     if args.mode == "arith" and args.arith is None:
         p.error("--mode arith needs --arith ATTR BASE (e.g. --arith 5 9: sandal minus ankle boot)")
@@ -77,11 +54,10 @@ def parse_args(argv=None):
 
 def pairs(x_hat0, x0, k=64, width=8):
     """Grid rows of `width`: the first k VAE samples, each row followed by their refinements."""
-    return [
-        r
-        for i in range(0, min(k, len(x0)), width)
-        for r in (x_hat0[i : i + width], x0[i : i + width])
-    ]
+    rows = []
+    for i in range(0, min(k, len(x0)), width):
+        rows += [x_hat0[i : i + width], x0[i : i + width]]
+    return rows
 
 
 def along_paths(model, paths, generator, **options):
@@ -94,17 +70,13 @@ def along_paths(model, paths, generator, **options):
 
 def class_mean_z(model, data_dir, label, device):
     """The mean of the encoder means of (up to 2,000) training images of one class."""
-    cfg = model.config
-    images, labels = load_dataset(
-        cfg["dataset"], data_dir, split="train", image_size=cfg["image_size"]
-    )
+    name, size = model.config["dataset"], model.config["image_size"]
+    images, labels = load_dataset(name, data_dir, split="train", image_size=size)
     if labels is None:
-        raise DataError(f"dataset {cfg['dataset']} has no labels, so --mode arith has no classes")
+        raise DataError(f"dataset {name} has no labels, so --mode arith has no classes")
     chosen = images[labels == label][:2000]
     if len(chosen) == 0:
-        raise DataError(
-            f"class {label} has no images in {cfg['dataset']} (classes 0..{int(labels.max())})"
-        )
+        raise DataError(f"class {label} has no images in {name} (classes 0..{int(labels.max())})")
     return model.vae.encode(to_model_range(chosen).to(device))[0].mean(0)
 
 
@@ -115,9 +87,8 @@ def paths_in_z(model, args, generator, device):
     draw_z = lambda: sample_prior(1, model.vae.z_dim, prior, generator=generator, device=device)
     w = torch.linspace(0, 1, args.n, device=device).unsqueeze(1)
     if args.mode == "interp":
-        return [
-            (1 - w) * z0 + w * z1 for z0, z1 in ((draw_z(), draw_z()) for _ in range(args.paths))
-        ]
+        ends = [(draw_z(), draw_z()) for _ in range(args.paths)]
+        return [(1 - w) * z0 + w * z1 for z0, z1 in ends]
     attr, base = (class_mean_z(model, args.data_dir, c, device) for c in args.arith)
     return [draw_z() + 1.5 * w * (attr - base) for _ in range(args.paths)]
 
@@ -138,32 +109,21 @@ def run_mode(args, model, device):
         x_hat0 = torch.cat([b[0] for b in batches])
         return pairs(x_hat0, x0), 8, {"vae": x_hat0, "x0": x0}
     if model.vae is None:
-        raise ValueError(
-            f"--mode {args.mode} needs a VAE, but {args.ckpt} is the unconditional baseline"
-        )
+        raise ValueError(f"--mode {args.mode} needs a VAE: {args.ckpt} is the unconditional model")
     if args.mode == "recon":
-        cfg = model.config
-        images, _ = load_dataset(
-            cfg["dataset"], args.data_dir, split="test", image_size=cfg["image_size"]
-        )
+        name, size = model.config["dataset"], model.config["image_size"]
+        images, _ = load_dataset(name, args.data_dir, split="test", image_size=size)
         x = to_model_range(images[: args.n]).to(device)
-        x_hat0 = model.vae.reconstruct(x, g_z)[0]
-        x0 = model.refine(x_hat0, generator=g, **options)
+        x_hat0, x0 = model.reconstruct(x, (g_z, g), **options)
         return [x, x_hat0, x0], len(x), {"data": x, "vae": x_hat0, "x0": x0}
     x_hat0, x0 = along_paths(model, paths_in_z(model, args, g_z, device), g, **options)
-    return (
-        [r for p in range(args.paths) for r in (x_hat0[p], x0[p])],
-        args.n,
-        {"vae": x_hat0, "x0": x0},
-    )
+    rows = [r for p in range(args.paths) for r in (x_hat0[p], x0[p])]
+    return rows, args.n, {"vae": x_hat0, "x0": x0}
 
 
 def write(out, rows, width, arrays):
     """The grid `rows` (of `width` images) to OUT.png and `arrays` in [0, 1] to OUT.npz."""
-    np.savez(
-        f"{out}.npz",
-        **{k: to_unit_range(v).cpu().numpy().astype(np.float32) for k, v in arrays.items()},
-    )
+    np.savez(f"{out}.npz", **{k: to_unit_range(v).cpu().float().numpy() for k, v in arrays.items()})
     save_grid(torch.cat(rows), f"{out}.png", nrow=width)
     shapes = ", ".join(f"{k}: {tuple(v.shape)}" for k, v in arrays.items())
     print(f"wrote {out}.png and {out}.npz ({shapes})")
@@ -180,18 +140,16 @@ def load_model(path, device):
 def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(None)
-    out = args.out or os.path.join(
-        os.path.dirname(args.ckpt) or ".", f"{args.mode}_{args.sampler}{args.steps}"
-    )
+    name = f"{args.mode}_{args.sampler}{args.steps}"
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", name)
     try:
         model = load_model(args.ckpt, device)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with torch.inference_mode():
             rows, width, arrays = run_mode(args, model, device)
     except OSError as e:
-        raise SystemExit(
-            f"error: cannot write to {os.path.dirname(out)} ({e.strerror}): choose another --out"
-        )
+        where = os.path.dirname(out)
+        raise SystemExit(f"error: cannot write to {where} ({e.strerror}): choose another --out")
     except (CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     write(out, rows, width, arrays)

@@ -148,17 +148,15 @@ class UNet(nn.Module):
         norm_groups=32,
     ):
         super().__init__()
-        config = dict(
-            img_ch=img_ch, cond_ch=cond_ch, ch=ch, ch_mult=list(ch_mult), dropout=float(dropout)
-        )
+        config = dict(img_ch=img_ch, cond_ch=cond_ch, ch=ch, ch_mult=list(ch_mult))
         config |= dict(num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions))
-        self.config = config | dict(image_size=image_size, norm_groups=norm_groups)
+        config |= dict(dropout=float(dropout), image_size=image_size, norm_groups=norm_groups)
+        self.config = config
         check_config(**self.config)
         temb_ch, levels = 4 * ch, [(ch * m, image_size // 2**i) for i, m in enumerate(ch_mult)]
         block = lambda c_in, c_out, attn: ResBlock(c_in, c_out, temb_ch, dropout, attn, norm_groups)
-        self.temb = nn.Sequential(
-            _init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch))
-        )
+        mlp = [_init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch))]
+        self.temb = nn.Sequential(*mlp)  # the timestep's MLP: (B, ch) -> (B, 4ch)
         self.conv_in = conv(img_ch + cond_ch, ch)  # (B, img_ch + cond_ch, S, S) -> (B, ch, S, S)
         skips, c = [ch], ch  # the channels of every tensor pushed on the skip stack
         self.down = nn.ModuleList()
