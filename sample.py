@@ -142,6 +142,7 @@ def main(argv=None):
     device = runtime.pick_device(None)
     name = f"{args.mode}_{args.sampler}{args.steps}"
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", name)
+    out = out.removesuffix(".png").removesuffix(".npz")  # the stem of both files written
     try:
         model = load_model(args.ckpt, device)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

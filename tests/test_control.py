@@ -120,7 +120,7 @@ def test_the_paths_are_those_sample_py_draws_with_the_same_seed(trained, tmp_pat
         "--seed",
         "5",
     ]
-    sample.main([*flags, "--out", str(tmp_path / "sample")])
+    sample.main([*flags, "--out", str(tmp_path / "sample.png")])  # the stem is "sample"
     control.main(
         [
             *flags,
