@@ -65,7 +65,9 @@ class GaussianDiffusion(nn.Module):
         buffers.update(sqrt_alphas_cumprod=ab.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt())
         buffers.update(sqrt_recip_alphas_cumprod=ab.rsqrt())
         buffers.update(sqrt_recipm1_alphas_cumprod=(1 / ab - 1).sqrt(), posterior_variance=post_var)
-        log_var = torch.cat([post_var[1:2], post_var[1:]]).log()  # beta-tilde_1 = 0: beta-tilde_2's
+        log_var = torch.cat(
+            [post_var[1:2], post_var[1:]]
+        ).log()  # log beta-tilde_1 = -inf: beta-tilde_2's
         buffers.update(posterior_log_variance_clipped=log_var)
         buffers.update(posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab))
         buffers.update(posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab))
@@ -253,7 +255,7 @@ class GaussianDiffusion(nn.Module):
 
 def ddim_timesteps(T, steps, spacing="uniform", t_start=None):
     """`steps` code indices 0 = tau_1 < ... < tau_S = t_start (default T - 1) (DDIM Appendix D.2):
-    uniform, tau_i ~ t_start i / (S - 1), or quadratic, tau_i ~ t_start (i / (S - 1))^2, each moved
+    uniform, tau_i ~ t_start (i - 1) / (S - 1), or quadratic, ~ t_start ((i - 1) / (S - 1))^2, moved
     up to one past its predecessor where rounding makes two collide."""
     t_start = T - 1 if t_start is None else int(t_start)
     if not 0 <= t_start <= T - 1:

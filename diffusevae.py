@@ -6,8 +6,10 @@ only through x_hat_0 = dec(z) (as extra input channels) and trains the two terms
 (vae.py), then the DDPM on (x_0, x_hat_0) with the VAE frozen. Its two forward processes:
 - Formulation 1: DDPM's q(x_t | x_0) (ddpm.py); only the reverse process sees x_hat_0.
 - Formulation 2: q(x_t | x_0, x_hat_0) = N(sqrt(alpha-bar_t) x_0 + x_hat_0, (1 - alpha-bar_t) I), so
-  x_T ~ N(x_hat_0, I). y_t = x_t - x_hat_0 (t >= 1), y_0 = x_0 is then a standard DDPM chain: the
-  samplers and the bound run on "the chain", x_t in form 1 and y_t in form 2.
+  x_T ~ N(x_hat_0, I): the step means m_t obey m_t - x_hat_0 = sqrt(alpha_t) (m_{t-1} - x_hat_0)
+  from m_1 = sqrt(alpha_1) x_0 + x_hat_0. y_t = x_t - x_hat_0 (t >= 1), y_0 = x_0 (not the paper's
+  y) is then a standard DDPM chain: the samplers and the bound run on "the chain", x_t in form 1
+  and y_t in form 2.
 """
 
 import math
@@ -49,8 +51,8 @@ def form2_predict_x0_from_eps(diffusion, x_t, t, x_hat0, eps):
 
 def form2_q_posterior_mean_variance(diffusion, x0, x_t, t, x_hat0):
     """q(x_{t-1} | x_t, x_0, x_hat_0) for code t >= 1: mean c1 x_0 + c2 x_t + (1 - c2) x_hat_0 with
-    DDPM eq. 7's c1, c2, variance beta-tilde_t. At code t 0 the target x_0 carries no shift (the
-    y-chain's)."""
+    DDPM eq. 7's c1, c2, variance beta-tilde_t. Not at code t 0: there x_0 carries no shift and
+    the mean is the y-chain's x_0 (this function would return x_0 + x_hat_0)."""
     mean_y, var, log_var = diffusion.q_posterior_mean_variance(x0, x_t - x_hat0, t)
     return mean_y + x_hat0, var, log_var
 
@@ -89,7 +91,7 @@ def joint_loss(vae, net, diffusion, x0, form=1):
 
 def generators(seed, device="cpu"):
     """Two independent streams of one seed (numpy's SeedSequence): z's, then the sampler's noise,
-    so one seed gives the same z whatever the sampler's options."""
+    so one seed gives the same z whatever the sampler's options. (>> 1: a seed below 2^63.)"""
     states = np.random.SeedSequence(seed).generate_state(2, np.uint64) >> np.uint64(1)
     return tuple(torch.Generator(device=device).manual_seed(int(s)) for s in states)
 
@@ -144,8 +146,9 @@ class DiffuseVAE(nn.Module):
         return lambda y, t: (1 + guidance) * eps(y, t, x_hat0) - guidance * eps(y, t, null)
 
     def start(self, x_hat0, t_start, noise):
-        """The chain's state at code t_start: x_T ~ N(0, I) at the top (y_T in form 2), else the
-        truncated start q(chain_{t_s} | x_0 = x_hat_0) (SDEdit, Meng et al. 2022, 2108.01073)."""
+        """The chain's state at code t_start: x_T ~ N(0, I) at the top (y_T in form 2), the paper's.
+        An addition, the truncated start q(chain_{t_s} | x_0 = x_hat_0) (SDEdit, Meng et al. 2022,
+        2108.01073) below the top: x_hat_0 already holds the garment, so a few steps from t_s do."""
         top = self.diffusion.T - 1
         if x_hat0 is None and t_start != top:
             raise ValueError(f"--t_start {t_start}: a truncated start needs x_hat_0 to start from")
@@ -208,7 +211,8 @@ class DiffuseVAE(nn.Module):
     def bound_bpd(self, x0, prior="expost", var_type="fixedsmall", progress=False):
         """-log p(x_0) <= E_{z ~ q(z|x_0)}[L_DDPM(x_0 | dec(z))] + KL(q(z|x_0) || p(z)) in bits/dim,
         one z per image, p(z) the prior z is sampled from, the chain started as refine starts it.
-        Returns dict(total, ddpm, kl_z), each (B,)."""
+        An addition: the likelihood of the model sample.py draws from. Returns dict(total, ddpm,
+        kl_z), each (B,)."""
         bits = x0[0].numel() * math.log(2.0)
         x_hat0, kl_z = None, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
         if self.vae is not None:

@@ -1,7 +1,7 @@
 """Sample from a trained DiffuseVAE: z ~ p(z) -> x_hat_0 = dec(z) -> refined in --steps calls.
 
     python sample.py --steps 10                  # VAE samples beside their refinements (DDIM)
-    python sample.py --steps 111 --sampler ddpm  # ancestral sampling (DDPM Algorithm 2)
+    python sample.py --steps 111 --sampler ddpm  # ancestral (DDPM Alg. 2) on all t_s + 1 = 111 t
     python sample.py --mode recon                # test images, their VAE reconstructions, refined
     python sample.py --mode interp               # paths in z, the sampler's draws shared along each
     python sample.py --mode arith --arith 5 9    # z + s (mean z of class 5 - mean z of class 9)

@@ -1,5 +1,5 @@
-"""The DDPM UNet eps_theta(x_t, t) of Ho et al. 2020 (Appendix B), conditioned on x_hat_0 by
-concatenation.
+"""The DDPM UNet of Ho et al. 2020 (Appendix B), conditioned on x_hat_0 by concatenation: it
+outputs eps_theta(x_t, t) or another target (diffusevae.TARGETS), the config's.
 
 The CIFAR-10 model (DDPM's code, diffusion_tf/models/unet.py): levels 32, 16, 8, 4 with 128 x (1, 2,
 2, 2) channels, two residual blocks per level, self-attention at 16x16, GroupNorm, the timestep fed
@@ -7,7 +7,7 @@ to every residual block through a sinusoidal embedding, dropout 0.1: 35,746,307 
 DiffuseVAE (arXiv:2201.00308) feeds x_hat_0 as cond_ch extra input channels. t is the code index
 0..T-1, embedded as is. Init as DDPM's code: Xavier-uniform weights, zero biases, and zero weights
 in each residual block's last conv, the attention's output projection and the output conv, so every
-block starts as the identity."""
+block starts as its skip path (the identity where the width stays)."""
 
 import math
 
@@ -128,12 +128,12 @@ def check_config(
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t[, x_hat_0]). Down: per level num_res_blocks ResBlocks, then a Downsample but
-    at the last level, each output pushed on a skip stack. Middle: Res, Attn, Res. Up: per level
-    num_res_blocks + 1 ResBlocks, each eating concat(h, a popped skip), then an Upsample but at the
-    top. Out: GroupNorm, SiLU, a zero-initialised conv. Small widths want norm_groups = 8: a
-    GroupNorm of one channel per group would remove the per-channel timestep shift right after it is
-    added."""
+    """The network of (x_t, t[, x_hat_0]): eps_theta or the config's target. Down: per level
+    num_res_blocks ResBlocks, then a Downsample but at the last level, each output pushed on a skip
+    stack. Middle: Res, Attn, Res. Up: per level num_res_blocks + 1 ResBlocks, each eating
+    concat(h, a popped skip), then an Upsample but at the top. Out: GroupNorm, SiLU, a
+    zero-initialised conv. Small widths want norm_groups = 8: a GroupNorm of one channel per group
+    would remove the per-channel timestep shift right after it is added."""
 
     def __init__(
         self,
@@ -179,8 +179,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(c, norm_groups), nn.SiLU(), conv(c, img_ch, zero=True))
 
     def forward(self, x, t, cond=None):
-        """x_t (B, img_ch, H, W), t (B,) code indices, cond (B, cond_ch, H, W) or None ->
-        eps_theta."""
+        """x_t (B, img_ch, H, W), t (B,) code indices, cond (B, cond_ch, H, W) or None -> the
+        target (B, img_ch, H, W)."""
         self.check_inputs(x, t, cond)
         x = x if cond is None else torch.cat([x, cond], dim=1)  # (B, img_ch + cond_ch, H, W)
         temb = self.temb(timestep_embedding(t, self.config["ch"]).to(x.dtype))  # (B, 4ch)

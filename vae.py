@@ -147,9 +147,9 @@ def _component_log_probs(z, prior):
 def fit_gmm(z, k=10, iters=300, tol=1e-3, reg=1e-6, generator=None):
     """Maximum-likelihood k-component Gaussian mixture for the rows of z (N, d) by EM (Dempster et
     al. 1977). E step: responsibilities r_nk = p(component k | z_n). M step: w_k, m_k, S_k = the
-    r-weighted fraction, mean and covariance (+ reg I, so S_k stays invertible). Each EM step never
-    lowers the mean log-likelihood. Stops when a step raises the mean log-likelihood by less than
-    tol nats per point (scikit-learn's criterion). Starts from k distinct data points as means.
+    r-weighted fraction, mean and covariance (+ reg I, so S_k stays invertible). Without reg, an EM
+    step never lowers the mean log-likelihood. Stops when a step raises it by less than tol nats
+    per point (scikit-learn's criterion). Starts from k distinct data points as means.
     Returns (prior dict of float64 tensors, [mean log-lik per step])."""
     z = z.detach().double().cpu()
     n, d = z.shape
