@@ -281,3 +281,51 @@ def test_the_readme_picture_is_what_sample_py_draws_each_pixel_a_4x4_block(tmp_p
             tile = picture[top : top + side, left : left + side]
             expected = np.kron(drawn[key][first + col, 0], np.ones((4, 4)))
             assert np.abs(tile - expected).max() <= 0.5 / 255 + 1e-6  # 8-bit rounding of the PNG
+
+
+def shown_images(text):
+    """The paths of every Markdown image ![alt](path) in a text."""
+    import re
+
+    return re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+
+
+@pytest.mark.parametrize("doc", ["LESSONS.md", "README.md"])
+def test_every_image_the_docs_show_is_a_png_in_the_repository(doc):
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = shown_images(open(os.path.join(root, doc), encoding="utf-8").read())
+    assert paths, f"{doc} shows no image"
+    for path in paths:
+        full = os.path.normpath(os.path.join(root, path))
+        assert full.startswith(root + os.sep), f"{doc} shows {path}, outside the repository"
+        assert os.path.isfile(full), f"{doc} shows {path}: missing (python -m tools.figures)"
+        assert open(full, "rb").read(4) == b"\x89PNG", f"{doc} shows {path}: not a PNG"
+
+
+def test_the_data_only_figures_are_made_without_a_checkpoint(tmp_path, monkeypatch):
+    import os
+
+    import torch
+    from test_pipeline import make_fashion
+
+    import runtime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data-only figure loaded a file with torch.load")
+
+    # no runs/ beside it, and any checkpoint load fails the test
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(runtime, "load_checkpoint", refuse)
+    data = make_fashion(str(tmp_path / "fashion"), n=32)
+    out = tmp_path / "assets"
+    figures.main(["--only", *figures.DATA_ONLY, "--out_dir", str(out), "--data_dir", data])
+    made = sorted(os.listdir(out))
+    assert made == sorted(f"{name}.png" for name in figures.DATA_FILES), made
+    # every data-only picture LESSONS.md shows is one of these
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lessons = open(os.path.join(root, "LESSONS.md"), encoding="utf-8").read()
+    shown = {os.path.basename(p) for p in shown_images(lessons)}
+    assert {f"{n}.png" for n in figures.DATA_FILES} <= shown

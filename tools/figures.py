@@ -1,12 +1,16 @@
-"""The pictures LESSONS.md refers to, written to figures/ (generated files), each in under a minute
-on a CPU.
+"""The pictures LESSONS.md shows, written to figures/ (generated files; --out_dir assets for the
+committed copies), each in under a minute on a CPU. The first four need the data alone, no model.
 
-    python -m tools.figures                      # all three
-    # alpha-bar_t and log SNR_t of the linear and cosine schedules
+    python -m tools.figures                      # noising, schedules, forward, start, steps
+    # Fashion-MNIST images through q(x_t | x_0) at several code t, linear and cosine schedules
+    python -m tools.figures --only noising
+    # alpha-bar_t and log SNR_t of the linear and cosine schedules, t_s and the refiner's steps
     python -m tools.figures --only schedules
-    # Formulation 1 vs 2 on one Fashion-MNIST test image, same noise
+    # Formulation 1 vs 2 on Fashion-MNIST test images, same noise
     python -m tools.figures --only forward
-    # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps
+    # the refiner's start at code t_s beside the full chain's starts
+    python -m tools.figures --only start
+    # VAE samples x_hat_0 and their refinements after 1..100 DDIM steps (needs a trained model)
     python -m tools.figures --only steps
     # the same for another stage-2 checkpoint
     python -m tools.figures --only steps --ckpt runs/form1/ddpm.pt
@@ -17,8 +21,10 @@ on a CPU.
     # the README's picture: 16 VAE samples over their refinements, x4
     python -m tools.figures --only samples
 
-The training-loss curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png) are
-drawn by data.save_loss_curve.
+Where the data-only figures need an x_hat_0 they use a stand-in, x_0 averaged over 4x4 blocks and
+upsampled (about as blurry as the quick start's VAE), and say so in their title. The training-loss
+curves train.py writes next to its checkpoints (vae_loss.png, ddpm_loss.png) are drawn by
+data.save_loss_curve.
 
 Timesteps are code indices t = 0..T-1 (the paper's 1..T), as everywhere in the code. Images are in
 [-1, 1] and shown through data.to_unit_range (clamped to [0, 1])."""
@@ -37,12 +43,16 @@ import ddpm
 import diffusevae
 import runtime
 import sample
+import train
 from data import load_dataset, save_grid, to_model_range, to_unit_range
-from vae import VAE, sample_prior
+from vae import sample_prior
 
 matplotlib.use("Agg")  # files only, no display
 OUT = "figures"
 STEP_COUNTS = [1, 2, 5, 10, 25, 100]
+T_S = train.CPU["t_start"]  # the default refiner's start (code t)
+DATA_ONLY = ["noising", "schedules", "forward", "start"]  # made without a checkpoint
+DATA_FILES = ["noising", "schedules", "forward_form1_vs_form2", "start"]  # their PNGs
 
 
 def show(ax, x, title=None):
@@ -56,75 +66,122 @@ def show(ax, x, title=None):
 
 def schedules():
     """DDPM eq. 4's alpha-bar_t and the signal-to-noise ratio alpha-bar_t / (1 - alpha-bar_t) (Luo
-    2022, arXiv:2208.11970, "Learning Diffusion Noise Parameters")."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    taus = ddpm.ddim_timesteps(1000, 10)  # where a 10-step DDIM sampler evaluates the denoiser
+    2022, arXiv:2208.11970, "Learning Diffusion Noise Parameters"), with the default refiner's start
+    t_s and the timesteps its 10 DDIM steps visit."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    full, refiner = ddpm.ddim_timesteps(1000, 10), ddpm.ddim_timesteps(1000, 10, t_start=T_S)
     for name in ("linear", "cosine"):
         ab = ddpm.make_diffusion(name, 1000).alphas_cumprod
-        t = torch.arange(len(ab))
         log_snr = torch.log(ab / (1 - ab))
-        a1.plot(t, ab, label=f"{name} (alpha-bar_T = {ab[-1]:.2e})")
-        a2.plot(t, log_snr, label=name)
-        a2.plot(taus, log_snr[taus], "o", ms=3, color=a2.lines[-1].get_color())
-    a1.set(
-        xlabel="code index t (paper t + 1)",
-        ylabel="alpha-bar_t",
-        title="alpha-bar_t: the signal kept",
-    )
+        a1.plot(torch.arange(len(ab)), ab, label=f"{name} (alpha-bar at t_s: {ab[T_S]:.3f})")
+        color = a1.lines[-1].get_color()
+        a2.plot(torch.arange(len(ab)), log_snr, label=name, color=color)
+        a2.plot(full, log_snr[full], "o", mfc="none", ms=5, color=color)
+        a2.plot(refiner, log_snr[refiner], "o", ms=3, color=color)
+    for ax in (a1, a2):
+        ax.axvline(T_S, color="gray", ls="--", lw=1)
+        ax.set_xlabel("code t (paper t - 1)")
+    a1.text(T_S + 15, 0.5, f"t_s = {T_S}: the refiner's start", fontsize=9)
+    a1.set(ylabel="alpha-bar_t", title="alpha-bar_t: the share of x_0's variance kept")
     a2.set(
-        xlabel="code index t (paper t + 1)",
-        ylabel="log(alpha-bar_t / (1 - alpha-bar_t))",
-        title="log SNR_t (dots: the 10 DDIM steps)",
+        ylabel="log SNR_t = log(alpha-bar_t / (1 - alpha-bar_t))",
+        title="log SNR_t (dots: 10 DDIM steps from t_s; circles: from T - 1)",
     )
-    a1.legend(fontsize=8), a2.legend(fontsize=8), a2.axhline(0, color="gray", lw=0.5)
+    a1.legend(fontsize=9), a2.legend(fontsize=9), a2.axhline(0, color="gray", lw=0.5)
     save(fig, "schedules.png")
 
 
-def forward():
+def examples(data_dir=None, k=3):
+    """k Fashion-MNIST test images in [-1, 1], of different classes where the labels allow."""
+    images, labels = load_dataset("fashion_mnist", data_dir, split="test")
+    picks = [int((labels == c).nonzero()[0]) for c in (0, 7, 3, 8, 2) if (labels == c).any()]
+    picks = (picks + [i for i in range(len(images)) if i not in picks])[:k]
+    return to_model_range(images[picks])
+
+
+def stand_in(x0):
+    """A stand-in for the VAE's x_hat_0: x_0 averaged over 4x4 blocks, upsampled bilinearly."""
+    return F.interpolate(F.avg_pool2d(x0, 4), scale_factor=4, mode="bilinear", align_corners=False)
+
+
+def grid(rows, row_labels, col_labels, title, name):
+    """A figure of images: rows[r][c] a (1, C, H, W) tensor, large enough to see a garment."""
+    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(1.6 * len(rows[0]), 1.7 * len(rows)))
+    for r, row in enumerate(rows):
+        for c, x in enumerate(row):
+            show(axes[r, c], x, col_labels[c] if r == 0 else None)
+        axes[r, 0].set_ylabel(row_labels[r], fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    save(fig, name)
+
+
+def noising(data_dir=None):
+    """Test images through q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I) (DDPM eq.
+    4) at several code t, under the linear and the cosine schedule, with one fixed noise."""
+    x0 = examples(data_dir, 2)
+    ts = [0, 50, T_S, 250, 500, 750, 999]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    rows, labels = [], []
+    for name in ("linear", "cosine"):
+        diffusion = ddpm.make_diffusion(name, 1000)
+        for i in range(len(x0)):
+            x = [x0[i : i + 1]]
+            for t in ts:
+                x.append(diffusion.q_sample(x0[i : i + 1], torch.tensor([t]), noise[i : i + 1]))
+            rows.append(x), labels.append(name)
+    cols = ["x_0"] + [f"t = {t}" for t in ts]
+    title = "x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps at code t, one eps per image"
+    grid(rows, labels, cols, title, "noising.png")
+
+
+def forward(data_dir=None):
     """Formulation 1 (q_sample) and 2 (form2_q_sample) with the same noise, and the y-chain identity
     between them."""
-    images, _ = load_dataset("fashion_mnist", split="test")
-    x0 = to_model_range(images[:1])  # (1, 1, 32, 32)
-    path = "runs/fashion/vae.pt"
-    if os.path.exists(path):
-        vae = VAE.from_checkpoint(runtime.load_checkpoint(path, stage="vae"))
-        with torch.no_grad():
-            x_hat0 = vae.eval().decode(vae.encode(x0)[0])  # dec(mu(x_0))
-        source = f"x_hat_0 = dec(mu(x_0)), VAE of {path}"
-    else:
-        x_hat0 = F.avg_pool2d(x0, 3, stride=1, padding=1, count_include_pad=False)
-        source = f"no {path}: x_hat_0 is a 3x3 box blur of x_0 (a stand-in)"
+    x0 = examples(data_dir, 1)
+    x_hat0 = stand_in(x0)
     diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(1000))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    ts = [0, 100, 250, 500, 750, 999]  # code indices (paper t + 1)
-    fig, axes = plt.subplots(3, len(ts) + 1, figsize=(1.5 * (len(ts) + 1), 5.2))
-    (
-        show(axes[0, 0], x0, "x_0"),
-        show(axes[1, 0], x_hat0, "x_hat_0"),
-        show(axes[2, 0], x0, "y_0 = x_0"),
-    )
-    gap = 0.0
-    for j, i in enumerate(ts, start=1):
+    ts = [0, T_S, 250, 500, 750, 999]  # code indices (paper t - 1)
+    rows, gap = [[x0], [x_hat0], [x0]], 0.0
+    for i in ts:
         t = torch.tensor([i])
         x1 = diffusion.q_sample(x0, t, noise)  # form 1: sqrt(ab) x_0 + sqrt(1-ab) eps
-        x2 = diffusevae.form2_q_sample(
-            diffusion, x0, t, x_hat0, noise
-        )  # form 2: the same + x_hat_0
+        x2 = diffusevae.form2_q_sample(diffusion, x0, t, x_hat0, noise)  # the same + x_hat_0
         gap = max(gap, (x2 - x_hat0 - x1).abs().max().item())
-        (
-            show(axes[0, j], x1, f"t={i}"),
-            show(axes[1, j], x2, f"t={i}"),
-            show(axes[2, j], x2 - x_hat0, f"t={i}"),
-        )
-    for ax, label in zip(axes[:, 0], ["form 1: x_t", "form 2: x_t", "form 2: x_t - x_hat_0"]):
-        ax.set_ylabel(label, fontsize=8)
-    fig.suptitle(
-        f"{source}; code t (paper t + 1), one fixed noise\n"
-        f"row 3 = row 1 (max |difference| {gap:.1e}): "
-        f"form 2 is a DDPM chain on y_t = x_t - x_hat_0, and x_T ~ N(x_hat_0, I)",
-        fontsize=8,
+        rows[0].append(x1), rows[1].append(x2), rows[2].append(x2 - x_hat0)
+    labels = ["form 1: x_t", "form 2: x_t", "form 2: x_t - x_hat_0"]
+    title = (
+        "x_hat_0 a stand-in (x_0 blurred); code t, one fixed noise. Row 3 = row 1 "
+        f"(max |difference| {gap:.1e}):\n"
+        "form 2 is a DDPM chain on y_t = x_t - x_hat_0, and x_T ~ N(x_hat_0, I)"
     )
-    save(fig, "forward_form1_vs_form2.png")
+    grid(
+        rows,
+        labels,
+        ["x_0 / x_hat_0 / y_0"] + [f"t = {t}" for t in ts],
+        title,
+        "forward_form1_vs_form2.png",
+    )
+
+
+def start(data_dir=None):
+    """Where sampling starts: the refiner at code t_s from q(x_{t_s} | x_0 = x_hat_0) =
+    N(sqrt(alpha-bar) x_hat_0, (1 - alpha-bar) I), beside the full chain's x_T ~ N(0, I) (form 1)
+    and x_T ~ N(x_hat_0, I) (form 2), one fixed noise."""
+    x0 = examples(data_dir, 3)
+    x_hat0, diffusion = stand_in(x0), ddpm.make_diffusion("linear", 1000)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((len(x0),), T_S)
+    at_ts = diffusion.q_sample(x_hat0, t, noise)
+    columns = [x0, x_hat0, at_ts, noise, x_hat0 + noise]
+    rows = [[x[i : i + 1] for x in columns] for i in range(len(x0))]
+    cols = ["x_0", "x_hat_0 (stand-in)", f"start at t_s = {T_S}", "x_T, form 1", "x_T, form 2"]
+    title = (
+        f"the refiner starts at code t {T_S} from sqrt(alpha-bar) x_hat_0 + "
+        f"sqrt(1 - alpha-bar) eps (alpha-bar = {diffusion.alphas_cumprod[T_S]:.3f});\n"
+        "the full chain from x_T"
+    )
+    grid(rows, [""] * len(rows), cols, title, "start.png")
 
 
 def step_counts(cfg):
@@ -278,9 +335,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--only",
         nargs="+",
-        choices=["schedules", "forward", "steps", "guidance", "samples"],
-        default=["schedules", "forward", "steps"],
+        choices=[*DATA_ONLY, "steps", "guidance", "samples"],
+        default=[*DATA_ONLY, "steps"],
     )
+    p.add_argument("--out_dir", default=OUT, help="where the PNGs go (assets: the committed ones)")
+    p.add_argument("--data_dir", default=None, help="Fashion-MNIST's IDX files (default: Debian's)")
     p.add_argument(
         "--ckpt",
         default="runs/fashion/ddpm.pt",
@@ -304,11 +363,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    global OUT
     a = parse_args(argv)
+    OUT = a.out_dir
     torch.manual_seed(0)
     make = {
+        "noising": lambda: noising(a.data_dir),
         "schedules": schedules,
-        "forward": forward,
+        "forward": lambda: forward(a.data_dir),
+        "start": lambda: start(a.data_dir),
         "steps": lambda: steps(a.ckpt, clip=not a.no_clip),
         "guidance": lambda: guidance(a.results),
         "samples": lambda: samples(a.ckpt),
