@@ -130,3 +130,66 @@ def test_the_matcher_finds_an_indented_window_and_rejects_an_edited_one():
     ]  # contiguous and in order
     assert quoted_file("From `ddpm.py`, `GaussianDiffusion.__init__`:") == "ddpm.py"
     assert quoted_file("From `ddpm.py`") is None  # the line must end with a colon
+
+
+# ----------------------------------------------------------------------------- Part I: a first hour
+
+PART_I_WORDS, PART_I_LINES = 3000, 600  # issue 39: at most about 3,000 words and 600 lines of code
+
+
+def part_i(text):
+    """Part I of LESSONS.md: from its heading to Part II's."""
+    start, end = text.index("\n## Part I."), text.index("\n## Part II.")
+    return text[start:end]
+
+
+def reading_list(text):
+    """(file, name) of every function or class Part I's reading table names: a `name` belongs to
+    the last `file.py` named before it on its row."""
+    rows = [line for line in part_i(text).split("\n") if re.match(r"\|\s*I\.\d", line)]
+    listed = []
+    for row in rows:
+        path = None
+        for token in re.findall(r"`([^`]+)`", row):
+            if token.endswith(".py"):
+                path = token
+            else:
+                listed.append((path, token))
+    return listed
+
+
+def definition_lines(path, name):
+    """Lines of the definition `name` (function, class, or Class.method) in a repository file."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, path), encoding="utf-8").read())
+    scope = tree.body
+    for part in name.split("."):
+        found = [n for n in scope if getattr(n, "name", None) == part]
+        if not found:
+            return None
+        node, scope = found[0], getattr(found[0], "body", [])
+    return node.end_lineno - node.lineno + 1
+
+
+def test_part_i_names_functions_that_exist_and_asks_at_most_600_lines_of_them():
+    listed = reading_list(read_lessons())
+    assert len(listed) >= 20, listed
+    missing = [f"{p}: {n}" for p, n in listed if p is None or definition_lines(p, n) is None]
+    assert not missing, f"Part I's reading list names what the code does not define: {missing}"
+    lines = sum(definition_lines(p, n) for p, n in set(listed))
+    assert lines <= PART_I_LINES, f"Part I asks {lines} lines of code to be read"
+
+
+def test_part_i_is_at_most_3000_words_of_prose():
+    prose = re.sub(r"```.*?```", "", part_i(read_lessons()), flags=re.S)  # code blocks apart
+    words = len(prose.split())
+    assert words <= PART_I_WORDS, f"Part I has {words} words"
+
+
+def test_the_reading_list_resolves_methods_and_rejects_what_is_not_there():
+    row = "| I.1 | `ddpm.py` | `GaussianDiffusion.loss`; `vae.py`: `VAE` |"
+    text = f"\n## Part I.\n{row}\n## Part II.\n"
+    assert reading_list(text) == [("ddpm.py", "GaussianDiffusion.loss"), ("vae.py", "VAE")]
+    assert definition_lines("ddpm.py", "GaussianDiffusion.loss") >= 3
+    assert definition_lines("ddpm.py", "GaussianDiffusion.no_such_method") is None

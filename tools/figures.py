@@ -233,8 +233,7 @@ def steps(ckpt, clip=True):
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(
         f"{ckpt} (form {model.form}): the same z and starting noise in every row; DDIM eta = 0, "
-        f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; "
-        f"{sum(counts)} denoiser calls in {seconds:.1f} s",
+        f"x_0-hat {'clipped to [-1, 1]' if clip else 'not clipped'}; {sum(counts)} denoiser calls",
         fontsize=8,
     )
     save(fig, "samples_vs_steps.png" if clip else "samples_vs_steps_noclip.png")
