@@ -65,7 +65,7 @@ class GaussianDiffusion(nn.Module):
         buffers.update(sqrt_alphas_cumprod=ab.sqrt(), sqrt_one_minus_alphas_cumprod=(1 - ab).sqrt())
         buffers.update(sqrt_recip_alphas_cumprod=ab.rsqrt())
         buffers.update(sqrt_recipm1_alphas_cumprod=(1 / ab - 1).sqrt(), posterior_variance=post_var)
-        log_var = torch.cat([post_var[1:2], post_var[1:]]).log()  # log 0 at t 1: beta-tilde_2's
+        log_var = torch.cat([post_var[1:2], post_var[1:]]).log()  # paper t 1: log 0, use t 2's
         buffers.update(posterior_log_variance_clipped=log_var)
         buffers.update(posterior_mean_coef1=betas * ab_prev.sqrt() / (1 - ab))
         buffers.update(posterior_mean_coef2=(1 - ab_prev) * alphas.sqrt() / (1 - ab))

@@ -2,6 +2,9 @@
 every finite value on the scale its rule picks (the VAE's loss goes below 0, where a log axis draws
 nothing), and the EMA stays inside the raw series."""
 
+import os
+import re
+
 import numpy as np
 import pytest
 
@@ -285,15 +288,11 @@ def test_the_readme_picture_is_what_sample_py_draws_each_pixel_a_4x4_block(tmp_p
 
 def shown_images(text):
     """The paths of every Markdown image ![alt](path) in a text."""
-    import re
-
     return re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
 
 
 @pytest.mark.parametrize("doc", ["LESSONS.md", "README.md"])
 def test_every_image_the_docs_show_is_a_png_in_the_repository(doc):
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     paths = shown_images(open(os.path.join(root, doc), encoding="utf-8").read())
     assert paths, f"{doc} shows no image"
@@ -305,8 +304,6 @@ def test_every_image_the_docs_show_is_a_png_in_the_repository(doc):
 
 
 def test_the_data_only_figures_are_made_without_a_checkpoint(tmp_path, monkeypatch):
-    import os
-
     import torch
     from test_pipeline import make_fashion
 
@@ -323,9 +320,9 @@ def test_the_data_only_figures_are_made_without_a_checkpoint(tmp_path, monkeypat
     out = tmp_path / "assets"
     figures.main(["--only", *figures.DATA_ONLY, "--out_dir", str(out), "--data_dir", data])
     made = sorted(os.listdir(out))
-    assert made == sorted(f"{name}.png" for name in figures.DATA_FILES), made
+    assert made == sorted(figures.DATA_ONLY.values()), made
     # every data-only picture LESSONS.md shows is one of these
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     lessons = open(os.path.join(root, "LESSONS.md"), encoding="utf-8").read()
     shown = {os.path.basename(p) for p in shown_images(lessons)}
-    assert {f"{n}.png" for n in figures.DATA_FILES} <= shown
+    assert set(figures.DATA_ONLY.values()) <= shown

@@ -51,8 +51,13 @@ matplotlib.use("Agg")  # files only, no display
 OUT = "figures"
 STEP_COUNTS = [1, 2, 5, 10, 25, 100]
 T_S = train.CPU["t_start"]  # the default refiner's start (code t)
-DATA_ONLY = ["noising", "schedules", "forward", "start"]  # made without a checkpoint
-DATA_FILES = ["noising", "schedules", "forward_form1_vs_form2", "start"]  # their PNGs
+# the figures made from the data alone, without a checkpoint, and their files
+DATA_ONLY = dict(
+    noising="noising.png",
+    schedules="schedules.png",
+    forward="forward_form1_vs_form2.png",
+    start="start.png",
+)
 
 
 def show(ax, x, title=None):
@@ -88,7 +93,7 @@ def schedules():
         title="log SNR_t (dots: 10 DDIM steps from t_s; circles: from T - 1)",
     )
     a1.legend(fontsize=9), a2.legend(fontsize=9), a2.axhline(0, color="gray", lw=0.5)
-    save(fig, "schedules.png")
+    save(fig, DATA_ONLY["schedules"])
 
 
 def examples(data_dir=None, k=3):
@@ -102,6 +107,11 @@ def examples(data_dir=None, k=3):
 def stand_in(x0):
     """A stand-in for the VAE's x_hat_0: x_0 averaged over 4x4 blocks, upsampled bilinearly."""
     return F.interpolate(F.avg_pool2d(x0, 4), scale_factor=4, mode="bilinear", align_corners=False)
+
+
+def fixed_noise(x):
+    """One N(0, I) draw of x's shape, the same on every run (seed 0)."""
+    return torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
 
 
 def grid(rows, row_labels, col_labels, title, name):
@@ -120,7 +130,7 @@ def noising(data_dir=None):
     4) at several code t, under the linear and the cosine schedule, with one fixed noise."""
     x0 = examples(data_dir, 2)
     ts = [0, 50, T_S, 250, 500, 750, 999]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    noise = fixed_noise(x0)
     rows, labels = [], []
     for name in ("linear", "cosine"):
         diffusion = ddpm.make_diffusion(name, 1000)
@@ -131,7 +141,7 @@ def noising(data_dir=None):
             rows.append(x), labels.append(name)
     cols = ["x_0"] + [f"t = {t}" for t in ts]
     title = "x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps at code t, one eps per image"
-    grid(rows, labels, cols, title, "noising.png")
+    grid(rows, labels, cols, title, DATA_ONLY["noising"])
 
 
 def forward(data_dir=None):
@@ -139,8 +149,7 @@ def forward(data_dir=None):
     between them."""
     x0 = examples(data_dir, 1)
     x_hat0 = stand_in(x0)
-    diffusion = ddpm.GaussianDiffusion(ddpm.linear_beta_schedule(1000))
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    diffusion, noise = ddpm.make_diffusion("linear", 1000), fixed_noise(x0)
     ts = [0, T_S, 250, 500, 750, 999]  # code indices (paper t - 1)
     rows, gap = [[x0], [x_hat0], [x0]], 0.0
     for i in ts:
@@ -160,7 +169,7 @@ def forward(data_dir=None):
         labels,
         ["x_0 / x_hat_0 / y_0"] + [f"t = {t}" for t in ts],
         title,
-        "forward_form1_vs_form2.png",
+        DATA_ONLY["forward"],
     )
 
 
@@ -170,7 +179,7 @@ def start(data_dir=None):
     and x_T ~ N(x_hat_0, I) (form 2), one fixed noise."""
     x0 = examples(data_dir, 3)
     x_hat0, diffusion = stand_in(x0), ddpm.make_diffusion("linear", 1000)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    noise = fixed_noise(x0)
     t = torch.full((len(x0),), T_S)
     at_ts = diffusion.q_sample(x_hat0, t, noise)
     columns = [x0, x_hat0, at_ts, noise, x_hat0 + noise]
@@ -181,7 +190,7 @@ def start(data_dir=None):
         f"sqrt(1 - alpha-bar) eps (alpha-bar = {diffusion.alphas_cumprod[T_S]:.3f});\n"
         "the full chain from x_T"
     )
-    grid(rows, [""] * len(rows), cols, title, "start.png")
+    grid(rows, [""] * len(rows), cols, title, DATA_ONLY["start"])
 
 
 def step_counts(cfg):
